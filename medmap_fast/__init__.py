@@ -1,0 +1,16 @@
+"""medmap_fast: fast, fused PyTorch ops for missing-modality brain-tumour segmentation.
+
+    import medmap_fast
+    fused = medmap_fast.masked_fusion([t1, t1ce, t2, flair], mask, mode="mean")
+
+Run ``python -m medmap_fast.info`` to see which backends this machine has.
+"""
+
+__version__ = "0.1.0"
+
+from . import dispatch, reference  # noqa: E402
+from .dispatch import BackendError  # noqa: E402
+from .ops import masked_fusion  # noqa: E402
+from . import nn, ops  # noqa: E402
+
+__all__ = ["masked_fusion", "BackendError", "dispatch", "reference", "ops", "nn", "__version__"]

@@ -1,0 +1,5 @@
+"""nn.Modules built on the fused ops."""
+
+from .fusion import MaskedFusion
+
+__all__ = ["MaskedFusion"]
