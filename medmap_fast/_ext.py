@@ -77,7 +77,7 @@ def cpu_flags() -> Tuple[list, list]:
 
 def cuda_flags() -> list:
     archs = os.environ.get("MEDMAP_FAST_CUDA_ARCHS", DEFAULT_CUDA_ARCHS)
-    flags = ["-O3", "-lineinfo", "--use_fast_math"] if not _flag("MEDMAP_FAST_DEBUG") else ["-O0", "-G"]
+    flags = ["-O3", "-lineinfo"] if not _flag("MEDMAP_FAST_DEBUG") else ["-O0", "-G"]
     for arch in archs.replace(",", ";").split(";"):
         arch = arch.strip().replace(".", "")
         if arch:
