@@ -43,7 +43,7 @@ def _extensions():
             "medmap_fast._C",
             rel(["cpu/*.cpp"]),
             include_dirs=[csrc],
-            extra_compile_args=opt + ["-fopenmp"],
+            extra_compile_args=opt + ["-fopenmp", "-ffp-contract=off"],
             extra_link_args=["-fopenmp"],
         )
     ]
