@@ -62,26 +62,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     session = getattr(config, "_benchmarksession", None)
     if session is None or not session.benchmarks:
         return
-    groups = {}
-    for bench in session.benchmarks:
-        if bench.has_error or not bench.stats:
-            continue
-        groups.setdefault(bench.group, {})[bench.extra_info.get("impl", bench.name)] = bench
+    from summarize import table
+
+    rows = [
+        dict(group=b.group, impl=b.extra_info.get("impl", b.name), median=b.stats.median, bytes=b.extra_info.get("bytes", 0))
+        for b in session.benchmarks
+        if not b.has_error and b.stats
+    ]
     dev = bench_device()
-    tr = terminalreporter
-    tr.section(f"medmap_fast summary on {dev} (medians; GB/s of the fused op vs measured copy bandwidth)")
-    tr.write_line(f"copy bandwidth: {_bench.copy_bandwidth(dev) / 1e9:.1f} GB/s")
-    tr.write_line(f"{'group':40s} {'fused ms':>9s} {'ref ms':>9s} {'compile ms':>10s} {'vs ref':>7s} {'vs comp':>7s} {'GB/s':>7s} {'of copy':>7s}")
-    for group, impls in sorted(groups.items()):
-        med = {k: b.stats.get("median") for k, b in impls.items()}
-        fused = med.get("fused")
-        if fused is None:
-            continue
-        ref, comp = med.get("reference"), med.get("compiled")
-        nbytes = impls["fused"].extra_info.get("bytes", 0)
-        bw = nbytes / fused / 1e9
-        tr.write_line(
-            f"{group:40s} {fused * 1e3:9.2f} {ref * 1e3 if ref else float('nan'):9.2f} "
-            f"{comp * 1e3 if comp else float('nan'):10.2f} {ref / fused if ref else float('nan'):6.1f}x "
-            f"{comp / fused if comp else float('nan'):6.2f}x {bw:7.1f} {bw * 1e9 / _bench.copy_bandwidth(dev):7.0%}"
-        )
+    terminalreporter.section(f"medmap_fast summary on {dev} (medians; fused GB/s vs measured copy bandwidth)")
+    for line in table(rows, _bench.copy_bandwidth(dev)):
+        terminalreporter.write_line(line)

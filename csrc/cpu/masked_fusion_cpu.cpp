@@ -1460,6 +1460,72 @@ void fuse_sum_bwd(
   });
 }
 
+// Channels-last pairs whose voxel stride is not C: the modalities are channel
+// slices of one concatenated tensor (zero_concat forward writes into them,
+// backward reads out of them). Copying one modality at a time would touch
+// every voxel's row M times, a cache line here and there, and the hardware's
+// adjacent-line prefetch then moves each line about twice. Walking the voxels
+// once and handling all M modalities per voxel streams the concatenated
+// tensor in order instead.
+template <typename U>
+void masked_copy_interleaved(
+    at::TensorList src,
+    at::TensorList dst,
+    const bool* present,
+    int64_t M) {
+  const int64_t B = src[0].size(0);
+  const int64_t C = src[0].size(1);
+  const int64_t S = src[0].size(2);
+  std::vector<View<const U>> sv;
+  std::vector<View<U>> dv;
+  for (int64_t k = 0; k < M; ++k) {
+    sv.push_back(in_view<U>(src[k]));
+    dv.push_back(out_view<U>(dst[k]));
+  }
+  const int64_t rows_item = std::max<int64_t>(1, kSeg / (C * M));
+  const int64_t nblk = divup(S, rows_item);
+  const int64_t grain = divup(kGrainElems, std::min(S, rows_item) * C * M);
+  at::parallel_for(0, B * nblk, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t b = it / nblk;
+      const int64_t s0 = (it % nblk) * rows_item;
+      const int64_t s1 = std::min(S, s0 + rows_item);
+      for (int64_t s = s0; s < s1; ++s) {
+        for (int64_t k = 0; k < M; ++k) {
+          U* __restrict__ d = dv[k].at(b, 0, s);
+          if (present[b * M + k]) {
+            const U* __restrict__ x = sv[k].at(b, 0, s);
+            for (int64_t c = 0; c < C; ++c) {
+              d[c] = x[c];
+            }
+          } else {
+            std::memset(static_cast<void*>(d), 0, C * sizeof(U));
+          }
+        }
+      }
+    }
+  });
+}
+
+// True when masked_copy_interleaved applies: same shapes, channels innermost
+// everywhere, and at least one side not packed (voxel stride != C).
+bool interleaved_layout(at::TensorList src, at::TensorList dst) {
+  const auto& r = src[0];
+  if (r.size(1) <= 1 || r.size(2) <= 1) {
+    return false;
+  }
+  bool packed = true;
+  for (size_t k = 0; k < src.size(); ++k) {
+    for (const at::Tensor* t : {&src[k], &dst[k]}) {
+      if (t->sizes() != r.sizes() || t->stride(1) != 1) {
+        return false;
+      }
+      packed = packed && t->stride(2) == t->size(1);
+    }
+  }
+  return !packed;
+}
+
 void masked_copy(
     at::TensorList src,
     const at::Tensor& present,
@@ -1491,6 +1557,21 @@ void masked_copy(
   }
   const bool stream = use_stream(bytes);
   const bool* pr = present.const_data_ptr<bool>();
+  if (interleaved_layout(src, dst)) {
+    for (int64_t k = 0; k < M; ++k) {
+      at::assert_no_internal_overlap(dst[k]);
+    }
+    switch (src[0].element_size()) {
+      case 2:
+        return masked_copy_interleaved<uint16_t>(src, dst, pr, M);
+      case 4:
+        return masked_copy_interleaved<uint32_t>(src, dst, pr, M);
+      case 8:
+        return masked_copy_interleaved<uint64_t>(src, dst, pr, M);
+      default:
+        break;  // other element sizes take the per-modality path below
+    }
+  }
   for (int64_t k = 0; k < M; ++k) {
     const at::Tensor& s = src[k];
     const at::Tensor& d = dst[k];

@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .. import _checks, dispatch, reference
+from .. import _checks, _memory, dispatch, reference
 from . import _backends, _layout
 
 MODES = ("zero_concat", "mean", "weighted")
@@ -60,6 +60,7 @@ def _grad_buffers(feats: List[Tensor], stacked: bool):
 def fuse_sum(feats: List[Tensor], coef: Tensor, present: Tensor, stacked: bool, backend: str) -> Tensor:
     mods = _modalities(feats, stacked)
     out = _fused_out(mods, mods[0].shape[1])
+    _memory.prefer_huge_pages(out)
     _backends.kernels(backend).fuse_sum_fwd(_layout.common_bcs(mods), coef, present, _layout.as_bcs(out))
     return out
 
@@ -75,6 +76,7 @@ def fuse_sum_backward(
     grad: Tensor, feats: List[Tensor], coef: Tensor, present: Tensor, stacked: bool, need_coef_grad: bool, backend: str
 ) -> List[Tensor]:
     grads, grad_views = _grad_buffers(feats, stacked)
+    _memory.prefer_huge_pages(*grads)
     B, M, C = coef.shape
     grad_coef = coef.new_empty((B, M, C) if need_coef_grad else (0,))
     mods = _modalities(feats, stacked)
@@ -121,6 +123,7 @@ def zero_concat(feats: List[Tensor], present: Tensor, stacked: bool, backend: st
     mods = _modalities(feats, stacked)
     C = mods[0].shape[1]
     out = _fused_out(mods, len(mods) * C)
+    _memory.prefer_huge_pages(out)
     dst = [_layout.as_bcs(out[:, k * C : (k + 1) * C]) for k in range(len(mods))]
     _backends.kernels(backend).masked_copy(_layout.common_bcs(mods), present, dst)
     return out
@@ -135,6 +138,7 @@ def _(feats, present, stacked, backend):
 @torch.library.custom_op("medmap_fast::zero_concat_backward", mutates_args=())
 def zero_concat_backward(grad: Tensor, feats: List[Tensor], present: Tensor, stacked: bool, backend: str) -> List[Tensor]:
     grads, grad_views = _grad_buffers(feats, stacked)
+    _memory.prefer_huge_pages(*grads)
     M = present.shape[1]
     C = grad.shape[1] // M
     src = _layout.common_bcs([grad[:, k * C : (k + 1) * C] for k in range(M)])
