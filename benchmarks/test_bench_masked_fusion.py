@@ -67,7 +67,7 @@ def test_masked_fusion(benchmark, device, size, mode, layout, pass_, impl):
     nbytes = _bench.fusion_bytes(mode, B, M, C, size ** 3, 4, pass_ == "fwd_bwd", weights is not None)
     benchmark.group = f"masked_fusion {mode} {layout} {pass_}"
     benchmark.extra_info.update(impl=impl, bytes=nbytes, shape=f"B={B} M={M} C={C} {size}^3 fp32")
-    rounds = 20 if device.type == "cuda" else 5
+    rounds = 20 if device.type == "cuda" else 7
     benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=2 if impl == "compiled" else 1)
     med = benchmark.stats.stats.median
     benchmark.extra_info.update(GBps=nbytes / med / 1e9, fraction_of_copy=nbytes / med / _bench.copy_bandwidth(device))

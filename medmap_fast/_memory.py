@@ -3,9 +3,12 @@
 A CPU op that returns new tensors pays for first touching their pages: on this project's machines
 (virtualised, 4 KiB pages) writing 32 MiB into fresh memory took about 17 ms against 2 ms into
 memory already mapped, more than the fused kernel itself. Marking the buffer with
-madvise(MADV_HUGEPAGE) before the first write makes the kernel map 2 MiB pages instead (about 4 ms
-for the same 32 MiB). It is a hint about memory the op itself allocated and is about to fill:
-values are unaffected, and where it is unsupported (other systems, THP off) it does nothing.
+madvise(MADV_HUGEPAGE) makes Linux map 2 MiB pages instead, and MADV_POPULATE_WRITE then maps them
+all in one call rather than one fault at a time. Measured on 32 MiB buffers, median (worst) of 12:
+plain 12.8 (15.4) ms, huge pages alone 14.4 (33.0) ms (fast when a huge page is at hand, slow when
+the kernel must compact memory on a fault), both 7.6 (10.0) ms. They are hints about memory the op
+itself allocated and is about to fill: values are unaffected, and where they are unsupported (other
+systems, older kernels, THP off) nothing happens.
 PyTorch's own switch for all allocations is the environment variable THP_MEM_ALLOC_ENABLE=1.
 """
 
@@ -19,6 +22,7 @@ import torch
 _HUGE = 2 << 20
 _MIN_BYTES = 4 << 20
 _MADV_HUGEPAGE = 14
+_MADV_POPULATE_WRITE = 23  # Linux >= 5.14; EINVAL (ignored) before
 
 _madvise = None
 if sys.platform.startswith("linux"):
@@ -32,7 +36,7 @@ if sys.platform.startswith("linux"):
 
 
 def prefer_huge_pages(*tensors: torch.Tensor) -> None:
-    """Hint huge pages for freshly allocated, not yet written CPU tensors of at least 4 MiB."""
+    """Map freshly allocated, not yet written CPU tensors of at least 4 MiB with huge pages, up front."""
     if _madvise is None:
         return
     for t in tensors:
@@ -45,4 +49,6 @@ def prefer_huge_pages(*tensors: torch.Tensor) -> None:
         lo = (start + _HUGE - 1) // _HUGE * _HUGE
         hi = (start + nbytes) // _HUGE * _HUGE
         if hi > lo:
-            _madvise(lo, hi - lo, _MADV_HUGEPAGE)  # a hint: failure changes nothing
+            # hints: a failure changes nothing
+            _madvise(lo, hi - lo, _MADV_HUGEPAGE)
+            _madvise(lo, hi - lo, _MADV_POPULATE_WRITE)
