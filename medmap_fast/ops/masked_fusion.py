@@ -79,10 +79,12 @@ def fuse_sum_backward(
     _memory.prefer_huge_pages(*grads)
     B, M, C = coef.shape
     grad_coef = coef.new_empty((B, M, C) if need_coef_grad else (0,))
-    mods = _modalities(feats, stacked)
+    # The features are read only for the weight gradient; otherwise any (B, C, S) views do as
+    # placeholders, and features whose layout would need a copy are left alone.
+    feat_views = _layout.common_bcs(_modalities(feats, stacked)) if need_coef_grad else grad_views
     _backends.kernels(backend).fuse_sum_bwd(
         _layout.as_bcs(grad),
-        _layout.common_bcs(mods),
+        feat_views,
         coef,
         present,
         grad_views,
