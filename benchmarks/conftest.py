@@ -65,7 +65,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     from summarize import table
 
     rows = [
-        dict(group=b.group, impl=b.extra_info.get("impl", b.name), median=b.stats.median, bytes=b.extra_info.get("bytes", 0))
+        dict(group=b.group, impl=b.extra_info.get("impl", b.name), median=b.stats.median,
+             bytes=b.extra_info.get("bytes", 0), peak=b.extra_info.get("peak_bytes"))
         for b in session.benchmarks
         if not b.has_error and b.stats
     ]

@@ -10,13 +10,14 @@ import sys
 
 
 def table(rows, copy_bw):
-    """rows: dicts with group, impl (fused/reference/compiled), median (s), bytes. Returns lines."""
+    """rows: dicts with group, impl (fused/reference/compiled), median (s), bytes and optionally
+    peak (bytes allocated at the peak of a forward + backward). Returns lines."""
     groups = {}
     for r in rows:
         groups.setdefault(r["group"], {})[r["impl"]] = r
     lines = [f"copy bandwidth: {copy_bw / 1e9:.1f} GB/s",
              f"{'group':40s} {'fused ms':>9s} {'ref ms':>9s} {'compile ms':>10s} {'vs ref':>7s} {'vs comp':>7s} "
-             f"{'GB/s':>7s} {'of copy':>7s}"]
+             f"{'GB/s':>7s} {'of copy':>7s} {'peak MB':>8s} {'vs ref':>7s}"]
     nan = float("nan")
     for group, impls in sorted(groups.items()):
         if "fused" not in impls:
@@ -25,14 +26,18 @@ def table(rows, copy_bw):
         ref = impls.get("reference", {}).get("median", nan)
         comp = impls.get("compiled", {}).get("median", nan)
         bw = impls["fused"]["bytes"] / fused
+        peak = impls["fused"].get("peak") or nan
+        ref_peak = impls.get("reference", {}).get("peak") or nan
         lines.append(f"{group:40s} {fused * 1e3:9.2f} {ref * 1e3:9.2f} {comp * 1e3:10.2f} {ref / fused:6.1f}x "
-                     f"{comp / fused:6.2f}x {bw / 1e9:7.1f} {bw / copy_bw:7.0%}")
+                     f"{comp / fused:6.2f}x {bw / 1e9:7.1f} {bw / copy_bw:7.0%} {peak / 2**20:8.1f} "
+                     f"{peak / ref_peak:6.2f}x")
     return lines
 
 
 def rows_from_json(data):
     return [dict(group=b["group"], impl=b["extra_info"].get("impl", b["name"]), median=b["stats"]["median"],
-                 bytes=b["extra_info"].get("bytes", 0)) for b in data["benchmarks"]]
+                 bytes=b["extra_info"].get("bytes", 0), peak=b["extra_info"].get("peak_bytes"))
+            for b in data["benchmarks"]]
 
 
 def main(path):

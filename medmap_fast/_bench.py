@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import torch
 
@@ -64,3 +64,44 @@ def fusion_bytes(mode: str, B: int, M: int, C: int, S: int, itemsize: int, backw
         if weight_grad:
             total += M * n  # re-read the features for the weight gradient
     return total
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> Optional[int]:
+    """Peak bytes above the starting level while ``fn()`` runs; None where it cannot be measured.
+
+    CUDA: the caching allocator's peak statistic. CPU (Linux): the process's resident-set high-water
+    mark, reset just before the call (/proc/self/clear_refs), minus the resident set at the start;
+    large CPU tensors are mapped and unmapped directly, so this follows tensor memory closely.
+    """
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        fn()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - start
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set
+        start = _status_kib("VmRSS")
+        fn()
+        return (_status_kib("VmHWM") - start) * 1024
+    except (OSError, KeyError):
+        return None
+
+
+def kl_bytes(N: int, C: int, J: int, itemsize: int, backward: bool) -> int:
+    """Bytes the fused Gaussian KL must move: mu and logvar read, per-row loss written; backward also
+    the J responsibilities written and read back, mu and logvar read again, their gradients written."""
+    rows = 2 * N * C * itemsize + N * 4
+    if backward:
+        rows += 2 * N * J * 4 + 4 * N * C * itemsize
+    return rows

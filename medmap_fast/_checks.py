@@ -79,3 +79,89 @@ def check_mask(mask, B: int, M: int, device: torch.device, name: str = "mask") -
             idx = tuple(int(i) for i in bad.nonzero()[0])
             raise ValueError(f"{name} must hold only 0 and 1 (or be bool), got {mask[idx].item()} at index {idx}")
     return (mask != 0).contiguous()
+
+
+REDUCTIONS = ("none", "mean", "sum")
+
+
+def check_reduction(reduction) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return reduction
+
+
+def check_choice(value, choices, name: str) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def _values_checkable() -> bool:
+    # Data-dependent checks read values back to Python: skipped while tracing (they would break the graph).
+    return not torch.compiler.is_compiling()
+
+
+def check_weights_vector(pi, shapes: Sequence[tuple], name: str, device: torch.device, what: str):
+    """A non-negative weight tensor (e.g. mixture weights over modalities) of one of ``shapes``; None passes."""
+    if pi is None:
+        return None
+    if not isinstance(pi, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor of shape {' or '.join(map(str, shapes))} ({what}), got {type(pi).__name__}")
+    if tuple(pi.shape) not in [tuple(s) for s in shapes]:
+        raise ValueError(f"{name} must have shape {' or '.join(map(str, shapes))} ({what}), got {tuple(pi.shape)}")
+    if not pi.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {pi.dtype}")
+    if pi.device != device:
+        raise ValueError(f"{name} is on {pi.device} but the features are on {device}")
+    if _values_checkable():
+        bad = ~(torch.isfinite(pi) & (pi >= 0))
+        if bool(bad.any()):
+            idx = tuple(int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"{name} must be finite and non-negative, got {pi[idx].item()} at index {idx}")
+    return pi
+
+
+def check_positive(value, name: str, channels: int, device: torch.device):
+    """sigma^2-like argument: a positive number, a 0-d tensor, or a (C,) tensor of positive values."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
+        raise TypeError(f"{name} must be a positive number or a tensor of shape () or (C,) = ({channels},), got {type(value).__name__}")
+    if isinstance(value, torch.Tensor):
+        if tuple(value.shape) not in ((), (channels,)):
+            raise ValueError(f"{name} must have shape () or (C,) = ({channels},), got {tuple(value.shape)}")
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {value.dtype}")
+        if value.device != device:
+            raise ValueError(f"{name} is on {value.device} but the features are on {device}")
+        if _values_checkable():
+            bad = ~(value > 0)
+            if bool(bad.any()):
+                idx = tuple(int(i) for i in bad.nonzero()[0]) if value.dim() else ()
+                raise ValueError(f"{name} must be positive, got {value[idx].item()} at index {idx}")
+        return value
+    if not value > 0 or value != value or value == float("inf"):
+        raise ValueError(f"{name} must be a finite positive number, got {value!r}")
+    return value
+
+
+def check_finite(t: torch.Tensor, name: str, keep=None) -> None:
+    """Raise naming ``name`` and the first non-finite index of ``t`` (only where ``keep``, broadcastable, is true)."""
+    if not _values_checkable():
+        return
+    bad = ~torch.isfinite(t)
+    if keep is not None:
+        bad = bad & keep
+    if bool(bad.any()):
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{name} has a non-finite value ({t[idx].item()}) at index {idx} (check_finite=True)")
+
+
+def check_finite_modalities(feats: List[torch.Tensor], stacked: bool, present: torch.Tensor, name: str = "features") -> None:
+    """check_finite over the present modalities only (a missing modality may hold anything)."""
+    if stacked:
+        f = feats[0]
+        keep = present.view(*present.shape, *([1] * (f.dim() - 2)))
+        check_finite(f, name, keep)
+        return
+    for k, f in enumerate(feats):
+        keep = present[:, k].view(-1, *([1] * (f.dim() - 1)))
+        check_finite(f, f"{name}[{k}]", keep)

@@ -1,8 +1,10 @@
-"""``medmap-fast demo``: the fused masked fusion against the naive reference on realistic shapes.
+"""``medmap-fast demo``: the fused ops against the naive reference on realistic shapes.
 
-Prints, per mode and layout, the largest error against a float64 reference (forward and every
-gradient) and the forward+backward time of the fused op and of the reference (and, with --compile,
-of torch.compile(reference)), with the achieved bandwidth as a fraction of the measured copy bandwidth.
+Prints, for masked fusion (per mode and layout) and for the alignment losses (anchor_align,
+moment_matching, gaussian_kl to a mixture), the largest error against a float64 reference (forward
+and every gradient) and the forward+backward time of the fused op and of the reference (and, with
+--compile, of torch.compile(reference)), with the achieved bandwidth as a fraction of the measured
+copy bandwidth.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import argparse
 import torch
 
 from . import _bench, dispatch, reference
-from .ops import masked_fusion
+from .ops import anchor_align, gaussian_kl, masked_fusion, moment_matching
 from .ops import _backends
 
 
@@ -92,7 +94,61 @@ def main(argv=None):
                 t_c = _bench.median(_bench.time_call(lambda: _run(compiled, feats, mask, weights, mode, grad_out), device, 2, args.repeat))
                 line += f" {t_c * 1e3:10.2f} {t_c / t_fused:9.1f}x"
             print(line, flush=True)
+    _alignment(B, M, C, size, device, args, bw, header)
     print("(forward+backward; rel err = max |fused - float64 reference| / max |reference|, worst of the output and all gradients)")
+
+
+def _alignment_cases(B, M, C, size, device, backend):
+    """(name, fused fn, reference fn, inputs, bytes moved forward+backward) for each alignment loss."""
+    feats, mask, _ = _inputs(B, M, C, size, "ncdhw", device, torch.float32, seed=7)
+    theta = torch.zeros(M, device=device, requires_grad=True)
+    n = B * C * size ** 3 * 4
+    yield ("anchor_align", lambda f, t: anchor_align(f[:M], mask, t.softmax(0), backend=backend),
+           lambda f, t: reference.anchor_align(f[:M], mask, t.softmax(0)), feats + [theta], 3 * M * n)
+    yield ("moment_matching", lambda f, t: moment_matching(f[:M], mask, t.softmax(0), backend=backend),
+           lambda f, t: reference.moment_matching(f[:M], mask, t.softmax(0)), feats + [theta], 3 * M * n)
+    J, side = 4, max(size // 2, 2)
+    N = B * M * side ** 3
+    g = torch.Generator().manual_seed(11)
+    rows = [torch.randn(N, C, generator=g).to(device).requires_grad_(),
+            (0.3 * torch.randn(N, C, generator=g)).to(device).requires_grad_(),
+            torch.randn(J, C, generator=g).to(device).requires_grad_(),
+            torch.zeros(J, C, device=device, requires_grad=True),
+            torch.zeros(J, device=device, requires_grad=True)]
+    yield (f"gaussian_kl J={J}",
+           lambda f, _t: gaussian_kl(f[0], f[1], nu=f[2], logtau2=f[3], pi_logits=f[4], backend=backend),
+           lambda f, _t: reference.gaussian_kl(f[0], f[1], f[2], f[3], None, f[4]), rows + [None],
+           _bench.kl_bytes(N, C, J, 4, True))
+
+
+def _alignment(B, M, C, size, device, args, bw, header):
+    print(f"\nalignment losses (forward+backward, learned pi = softmax(theta), one sample misses a modality; "
+          f"gaussian_kl: N = {B}*{M}*{max(size // 2, 2)}^3 rows)")
+    print(header.replace("mode        ", "op          ", 1).replace("layout        ", "              ", 1))
+    for name, fused, naive, inputs, nbytes in _alignment_cases(B, M, C, size, device, args.backend):
+        leaves = [t for t in inputs if t is not None]
+        feats, theta = inputs[:-1], inputs[-1]
+
+        def run(fn, fs=feats, th=theta, lv=leaves):
+            return torch.autograd.grad(fn(fs, th), lv, torch.tensor(0.75, device=device))
+
+        grads = run(fused)
+        loss = fused(feats, theta).detach()
+        leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+        f64, th64 = leaves64[: len(feats)], (leaves64[-1] if theta is not None else None)
+        loss64 = naive(f64, th64)
+        grads64 = torch.autograd.grad(loss64, leaves64, torch.tensor(0.75, dtype=torch.float64, device=device))
+        err = max([_rel_err(loss, loss64)] + [_rel_err(a, b) for a, b in zip(grads, grads64)])
+        del grads, grads64, leaves64
+        t_fused = _bench.median(_bench.time_call(lambda: run(fused), device, 1, args.repeat))
+        t_ref = _bench.median(_bench.time_call(lambda: run(naive), device, 1, args.repeat))
+        line = (f"{name:12s} {'':14s} {err:9.2e} {t_fused * 1e3:9.2f} {nbytes / t_fused / 1e9:7.1f} "
+                f"{nbytes / t_fused / bw:7.0%} {t_ref * 1e3:8.2f} {t_ref / t_fused:6.1f}x")
+        if args.compile:
+            comp = torch.compile(naive)
+            t_c = _bench.median(_bench.time_call(lambda: run(comp), device, 2, args.repeat))
+            line += f" {t_c * 1e3:10.2f} {t_c / t_fused:9.1f}x"
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,9 @@ def masked_fusion(
     - ``zero_concat``: missing modalities become 0, then (B, M*C, *spatial) channel concatenation;
     - ``mean``: sum of the present modalities divided by their count (at least 1);
     - ``weighted``: sum over present k of w[b, k] * f_k (w of shape (B, M) or (B, M, C)), with w
-      softmax-normalised over the present modalities when ``normalize`` is true.
+      softmax-normalised over the present modalities when ``normalize`` is true;
+    - ``anchor_impute``: a missing modality takes the anchor a_b (weights pi = ``weights``, (M,) or
+      (B, M), uniform when None), then (B, M*C, *spatial) channel concatenation.
     A missing modality's features never reach the result, whatever they hold (NaN included).
     """
     f = stack_modalities(features)
@@ -51,13 +53,16 @@ def masked_fusion(
     if mode == "mean":
         count = present.sum(dim=1, keepdim=True).clamp_min(1)
         return kept.sum(dim=1) / count.squeeze(1).to(f.dtype)
+    if mode == "anchor_impute":
+        a = anchor(f, mask, weights).unsqueeze(1)
+        return torch.where(present, f, a).flatten(1, 2)
     if mode == "weighted":
         w = weights if weights.dim() == 3 else weights.unsqueeze(-1)
         if normalize:
             w = masked_softmax(w, mask)
         w = w.to(f.dtype).view(*w.shape, *([1] * (f.dim() - 3)))
         return (kept * w).sum(dim=1)
-    raise ValueError(f"mode must be 'zero_concat', 'mean' or 'weighted', got {mode!r}")
+    raise ValueError(f"mode must be 'zero_concat', 'mean', 'weighted' or 'anchor_impute', got {mode!r}")
 
 
 def masked_softmax(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -105,7 +110,8 @@ def anchor(features: Features, mask: torch.Tensor, pi: Optional[torch.Tensor] = 
 
 def _channel_view(x: torch.Tensor, ndim: int, channel_dim: int) -> torch.Tensor:
     """A per-channel tensor (C,) (or a scalar) shaped to broadcast along ``channel_dim`` of an ndim tensor."""
-    x = torch.as_tensor(x)
+    if not isinstance(x, torch.Tensor):
+        return float(x)  # a Python number keeps full precision in any dtype
     if x.dim() == 0:
         return x
     shape = [1] * ndim
@@ -153,7 +159,8 @@ def anchor_align(
     else:
         raise ValueError(f"anchor_kind must be 'mix' or 'normal', got {anchor_kind!r}")
     sq = torch.where(present, diff, torch.zeros((), dtype=f.dtype, device=f.device)) ** 2
-    sq = sq / (2 * _channel_view(sigma2, f.dim(), 2).to(f.dtype))
+    s2 = _channel_view(sigma2, f.dim(), 2)
+    sq = sq / (2 * (s2.to(f.dtype) if isinstance(s2, torch.Tensor) else s2))
     per_bk = sq.flatten(2).mean(dim=2)
     return _reduce_modalities(per_bk, mask, reduction)
 

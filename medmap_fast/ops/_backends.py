@@ -16,6 +16,8 @@ from .. import _ext
 from .. import kernels as _triton_pkg  # never fails: it records why Triton is unusable
 
 MAX_MODALITIES = 8  # pointer slots in the Triton and CUDA kernels
+MAX_COMPONENTS = 16  # mixture components unrolled by the Triton and CUDA Gaussian-KL kernels
+MAX_KL_CHANNELS = 1024  # one row of channels per tile in the Triton and CUDA Gaussian-KL kernels
 
 
 class _Native:
@@ -74,6 +76,20 @@ def reason(backend: str, device: torch.device, dtype: torch.dtype, num_modalitie
         return None
     if backend in ("triton", "cuda") and num_modalities > MAX_MODALITIES:
         return f"supports at most {MAX_MODALITIES} modalities, got M={num_modalities}"
+    if backend == "triton":
+        return triton_reason(device, dtype)
+    return native_reason(backend, device)
+
+
+def gkl_reason(backend: str, device: torch.device, dtype: torch.dtype, components: int, channels: int) -> Optional[str]:
+    """None if ``backend`` can run the Gaussian-KL kernels on rows of ``channels`` and a ``components``-mixture."""
+    if backend == "reference":
+        return None
+    if backend in ("triton", "cuda"):
+        if components > MAX_COMPONENTS:
+            return f"supports at most {MAX_COMPONENTS} mixture components, got J={components}"
+        if channels > MAX_KL_CHANNELS:
+            return f"supports at most {MAX_KL_CHANNELS} channels per row, got C={channels}"
     if backend == "triton":
         return triton_reason(device, dtype)
     return native_reason(backend, device)

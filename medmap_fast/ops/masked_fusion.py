@@ -20,7 +20,7 @@ from torch import Tensor
 from .. import _checks, _memory, dispatch, reference
 from . import _backends, _layout
 
-MODES = ("zero_concat", "mean", "weighted")
+MODES = ("zero_concat", "mean", "weighted", "anchor_impute")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,9 +194,14 @@ def fusion_coefficients(
 
 
 def _check_weights(weights, mode: str, B: int, M: int, C: int, device: torch.device) -> None:
+    if mode == "anchor_impute":
+        _checks.check_weights_vector(weights, [(M,), (B, M)], "weights", device, "the anchor's weights pi over the modalities")
+        return
     if mode != "weighted":
         if weights is not None:
-            raise ValueError(f"weights are only used by mode='weighted', got mode={mode!r} with weights given")
+            raise ValueError(
+                f"weights are only used by mode='weighted' and 'anchor_impute', got mode={mode!r} with weights given"
+            )
         return
     if weights is None:
         raise ValueError("mode='weighted' needs weights of shape (B, M) or (B, M, C); got weights=None")
@@ -228,15 +233,18 @@ def masked_fusion(
             bfloat16 or float64; NCDHW or channels_last_3d (the output keeps the layout).
         mask: (B, M) availability, bool or 0/1 numbers; a missing modality's features are never read.
         mode: ``"mean"`` (mean over present modalities), ``"weighted"`` (sum of w * f over present
-            ones) or ``"zero_concat"`` (missing ones zeroed, then channel concatenation).
-        weights: for ``"weighted"``: (B, M) or (B, M, C); gradients flow into them.
+            ones), ``"zero_concat"`` (missing ones zeroed, then channel concatenation) or
+            ``"anchor_impute"`` (a missing modality takes the per-sample anchor a_b of
+            :func:`medmap_fast.anchor_align`, then channel concatenation).
+        weights: for ``"weighted"``: (B, M) or (B, M, C); for ``"anchor_impute"``: the anchor's
+            mixture weights pi, (M,) or (B, M), non-negative, None for uniform. Gradients flow into them.
         normalize: for ``"weighted"``: softmax the weights over the present modalities first.
         backend: ``"triton"``, ``"cuda"``, ``"cpu"``, ``"reference"`` or None (automatic; see
             :mod:`medmap_fast.dispatch`).
 
     Returns:
-        (B, C, *spatial) for ``mean``/``weighted``, (B, M*C, *spatial) for ``zero_concat``, in the
-        features' dtype. A sample with no modality present gives zeros and zero gradient.
+        (B, C, *spatial) for ``mean``/``weighted``, (B, M*C, *spatial) for ``zero_concat`` and
+        ``anchor_impute``, in the features' dtype. A sample with no modality present gives zeros and zero gradient.
     """
     feats, stacked = _checks.modality_list(features)
     ref = feats[0]
@@ -257,5 +265,20 @@ def masked_fusion(
     if mode == "zero_concat":
         return zero_concat(feats, present, stacked, name)
     acc = torch.float64 if ref.dtype == torch.float64 else torch.float32
+    if mode == "anchor_impute":
+        return _anchor_impute(feats, stacked, present, weights, acc, name)
     coef = fusion_coefficients(mode, present, weights, normalize, C, acc)
     return fuse_sum(feats, coef, present, stacked, name)
+
+
+def _anchor_impute(feats: List[Tensor], stacked: bool, present: Tensor, pi: Optional[Tensor], acc, backend: str) -> Tensor:
+    # Composed from the fused fusion kernels: the anchor (one read of the present modalities), the
+    # zero-filled concatenation, then the anchor added into the missing modalities' slots.
+    B, M = present.shape
+    mods = _modalities(feats, stacked)
+    C = mods[0].shape[1]
+    w = reference.anchor_weights(present, pi, acc)
+    a = fuse_sum(feats, w.unsqueeze(-1).expand(B, M, C).contiguous(), present, stacked, backend)
+    z = zero_concat(feats, present, stacked, backend).unflatten(1, (M, C))
+    missing = (~present).to(z.dtype).view(B, M, *([1] * (z.dim() - 2)))
+    return (z + missing * a.unsqueeze(1)).flatten(1, 2)

@@ -1,0 +1,473 @@
+"""anchor_align, moment_matching and gaussian_kl on every backend against the float64 reference."""
+
+import math
+
+import pytest
+import torch
+
+import medmap_fast
+from medmap_fast import reference
+
+from alignment_cases import (
+    compare,
+    loss_and_grads,
+    make_features,
+    make_mask,
+    poison_missing,
+    to64,
+)
+from conftest import FUSED_BACKENDS, fresh_seed, require_backend
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+# (stacked, layout, mask kind, spatial): odd sizes, every mask edge, both forms, the fast layouts.
+CASES = [
+    (False, "contiguous", "random", (5, 6, 7)),
+    (False, "channels_last", "all", (3, 4, 5)),
+    (False, "channel_slice", "one", (7, 3, 5)),
+    (True, "contiguous", "none", (4, 3, 5)),
+    (True, "channels_last", "random", (5, 5, 3)),
+    (False, "permuted", "random", (3, 5, 4)),
+]
+
+
+def _lowp(dtype):
+    return dtype in (torch.float16, torch.bfloat16)
+
+
+def _run_both(op, ref_op, inputs, kw, ref_kw, dtype, seed, backend):
+    fused = loss_and_grads(op, inputs, seed + 1, backend=backend, **kw)
+    exact = loss_and_grads(ref_op, to64(inputs), seed + 1, **ref_kw)
+    naive = loss_and_grads(ref_op, inputs, seed + 1, **ref_kw) if _lowp(dtype) else None
+    return fused, exact, naive
+
+
+# ----------------------------------------------------------------------------------------------
+# anchor_align
+# ----------------------------------------------------------------------------------------------
+
+
+def _anchor_ref(features, mask, pi=None, sigma2=1.0, **kw):
+    return reference.anchor_align(features, mask, pi, kw.pop("anchor"), sigma2, **kw)
+
+
+def _anchor_op(features, mask, pi=None, sigma2=1.0, **kw):
+    return medmap_fast.anchor_align(features, mask, pi, sigma2=sigma2, **kw)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_anchor_align_matches_reference(backend, dtype, case):
+    M = 4
+    device = require_backend(backend, dtype, M)
+    seed = fresh_seed()
+    stacked, layout, mask_kind, spatial = CASES[case]
+    B, C = 3, (5 if case % 2 else 3)
+    feats, _ = make_features(B, M, C, spatial, dtype, device, layout, stacked, seed)
+    mask = make_mask(mask_kind, B, M, seed, device)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    g = torch.Generator().manual_seed(seed + 3)
+    theta = torch.randn(M, generator=g, dtype=acc).to(device)
+    # per-channel sigma^2 that is learned, or a plain number; pi per modality or per sample
+    sigma2 = (0.5 + torch.rand(C, generator=g, dtype=acc)).to(device) if case % 2 else 0.7
+    anchor = "normal" if case == 4 else "mix"
+    detach = case == 2
+    reduction = ["mean", "sum", "none"][case % 3]
+    pi_fn = (lambda t: t.softmax(0)) if case % 3 != 1 else (lambda t: t.softmax(0).expand(B, M) * 2.0)
+
+    def op(features, theta, sigma2, **kw):
+        pi = None if anchor == "normal" else pi_fn(theta)
+        return _anchor_op(features, mask, pi, sigma2, **kw)
+
+    def ref(features, theta, sigma2, **kw):
+        pi = None if anchor == "normal" else pi_fn(theta)
+        return _anchor_ref(features, mask, pi, sigma2, **kw)
+
+    inputs = dict(features=feats, theta=theta, sigma2=sigma2 if isinstance(sigma2, torch.Tensor) else None)
+    if inputs["sigma2"] is None:
+        inputs.pop("sigma2")
+        op_, ref_ = (lambda **a: op(sigma2=sigma2, **a)), (lambda **a: ref(sigma2=sigma2, **a))
+    else:
+        op_, ref_ = op, ref
+    kw = dict(anchor=anchor, detach_anchor=detach, reduction=reduction)
+    fused, exact, naive = _run_both(op_, ref_, inputs, kw, kw, dtype, seed, backend)
+    compare(f"anchor_align[{backend}]", fused, exact, naive, dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# moment_matching
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_moment_matching_matches_reference(backend, dtype, case):
+    M = 4
+    device = require_backend(backend, dtype, M)
+    seed = fresh_seed()
+    stacked, layout, mask_kind, spatial = CASES[case]
+    B, C, J = 3, (5 if case % 2 else 3), 3
+    feats, _ = make_features(B, M, C, spatial, dtype, device, layout, stacked, seed, offset=0.5, scale=1.5)
+    mask = make_mask(mask_kind, B, M, seed, device)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    g = torch.Generator().manual_seed(seed + 3)
+    target = ["anchor", "anchor", "mixture", "normal", "anchor", "mixture"][case]
+    reduction = ["mean", "sum", "none"][case % 3]
+    inputs = dict(features=feats)
+    kw = dict(target=target, reduction=reduction, detach_anchor=case == 4, eps=1e-5)
+    if target == "anchor":
+        inputs["theta"] = torch.randn(M, generator=g, dtype=acc).to(device)
+    if target == "mixture":
+        inputs["nu"] = torch.randn(J, C, generator=g, dtype=acc).to(device)
+        inputs["logtau2"] = (0.3 * torch.randn(J, C, generator=g, dtype=acc)).to(device)
+        inputs["pi_logits"] = torch.randn(J, generator=g, dtype=acc).to(device)
+
+    def make(fn):
+        def run(features, theta=None, **rest):
+            pi = theta.softmax(0) if theta is not None else None
+            return fn(features, mask, pi, **rest)
+
+        return run
+
+    fused, exact, naive = _run_both(
+        make(medmap_fast.moment_matching), make(reference.moment_matching), inputs, kw, kw, dtype, seed, backend
+    )
+    compare(f"moment_matching[{backend}]", fused, exact, naive, dtype)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_moments_accurate_with_large_offset(backend):
+    """x = 100 + 50 randn in fp32: E[x^2] - E[x]^2 would lose the variance; ours must not."""
+    device = require_backend(backend, torch.float32, 2)
+    seed = fresh_seed()
+    feats, feats64 = make_features(2, 2, 3, (9, 8, 7), torch.float32, device, "contiguous", True, seed, 100.0, 50.0)
+    mask = torch.tensor([[1, 1], [1, 0]], dtype=torch.bool, device=device)
+    mean, var = medmap_fast.ops.moments(feats, mask, with_anchor=True, backend=backend)
+    x = feats64.reshape(2, 2, 3, -1).cpu()
+    a = reference.anchor(x, mask.cpu()).unsqueeze(1)
+    full = torch.cat([x, a], 1)
+    m64, v64 = full.mean(-1), full.var(-1, unbiased=False)
+    keep = torch.cat([mask.cpu(), torch.ones(2, 1, dtype=torch.bool)], 1).unsqueeze(-1)
+    torch.testing.assert_close(mean.cpu().double(), m64 * keep, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(var.cpu().double(), v64 * keep, rtol=1e-5, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------
+# gaussian_kl
+# ----------------------------------------------------------------------------------------------
+
+KL_CASES = [
+    # (target, logvar form, mask, layout of the rows)
+    ("normal", "full", None, "rows"),
+    ("mixture", "full", "prefix", "permuted"),
+    ("mixture", "scalar", None, "rows"),
+    ("mixture", "channel", "prefix", "rows"),
+    ("normal", "none", "prefix", "permuted"),
+    ("mixture", "full", "prefix2", "rows"),
+]
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", range(len(KL_CASES)))
+def test_gaussian_kl_matches_reference(backend, dtype, case):
+    device = require_backend(backend, dtype, 1)
+    seed = fresh_seed()
+    target, lv_form, mask_form, layout = KL_CASES[case]
+    g = torch.Generator().manual_seed(seed)
+    B, M, C, J = 2, 3, (5 if case % 2 else 7), (1 if case == 5 else 3)
+    spatial = (3, 4, 5)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    if layout == "permuted":
+        # (B, M, C, *spatial) features read as rows (B, M, *spatial, C): C strided, voxels unit stride
+        base = torch.randn(B, M, C, *spatial, generator=g, dtype=torch.float64)
+        mu = base.to(dtype).to(device).movedim(2, -1)
+    else:
+        mu = torch.randn(B, M, *spatial, C, generator=g, dtype=torch.float64).to(dtype).to(device)
+    inputs = dict(mu=mu)
+    if lv_form == "full":
+        inputs["logvar"] = (0.5 * torch.randn(mu.shape, generator=g, dtype=torch.float64)).to(dtype).to(device)
+    elif lv_form == "channel":
+        inputs["logvar"] = (0.5 * torch.randn(C, generator=g, dtype=torch.float64)).to(dtype).to(device)
+    kw = dict(reduction=["mean", "sum", "none"][case % 3])
+    if mask_form == "prefix":
+        mask = make_mask("random", B, M, seed, device)
+    elif mask_form == "prefix2":
+        mask = torch.rand(B, M, spatial[0], generator=g) < 0.6
+        mask = mask.to(device)
+    else:
+        mask = None
+    if target == "mixture":
+        inputs["nu"] = torch.randn(J, C, generator=g, dtype=acc).to(device)
+        inputs["logtau2"] = (0.3 * torch.randn(J, C, generator=g, dtype=acc)).to(device)
+        inputs["pi_logits"] = torch.randn(J, generator=g, dtype=acc).to(device)
+    const_lv = -0.4 if lv_form == "scalar" else None
+
+    def make(fn, is_ref):
+        def run(mu, logvar=None, nu=None, logtau2=None, pi_logits=None, **rest):
+            lv = const_lv if logvar is None and const_lv is not None else logvar
+            if is_ref:
+                return fn(mu, lv, nu, logtau2, None, pi_logits, mask, **rest)
+            return fn(mu, lv, nu=nu, logtau2=logtau2, pi_logits=pi_logits, mask=mask, **rest)
+
+        return run
+
+    fused, exact, naive = _run_both(
+        make(medmap_fast.gaussian_kl, False), make(reference.gaussian_kl, True), inputs, kw, kw, dtype, seed, backend
+    )
+    compare(f"gaussian_kl[{backend}]", fused, exact, naive, dtype)
+
+
+def test_mixture_kl_against_monte_carlo():
+    """Well-separated components: KL_var is close to the true KL(q || mixture) (Monte Carlo)."""
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    C, J, N = 3, 3, 4
+    nu = torch.tensor([[-8.0, 0, 0], [8.0, 0, 0], [0, 8.0, 0]], dtype=torch.float64)
+    logtau2 = 0.2 * torch.randn(J, C, generator=g, dtype=torch.float64)
+    pi = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    # each q sits near one component, so one term dominates the mixture wherever q has mass
+    mu = nu[torch.arange(N) % J] + 0.3 * torch.randn(N, C, generator=g, dtype=torch.float64)
+    logvar = 0.3 * torch.randn(N, C, generator=g, dtype=torch.float64)
+    ours = medmap_fast.gaussian_kl(mu, logvar, nu=nu, logtau2=logtau2, pi=pi, reduction="none", backend="cpu")
+    D = torch.distributions
+    comp = D.Independent(D.Normal(nu, (0.5 * logtau2).exp()), 1)
+    mix = D.MixtureSameFamily(D.Categorical(probs=pi), comp)
+    for n in range(N):
+        q = D.Independent(D.Normal(mu[n], (0.5 * logvar[n]).exp()), 1)
+        x = q.sample((200_000,))
+        mc = (q.log_prob(x) - mix.log_prob(x)).mean()
+        se = (q.log_prob(x) - mix.log_prob(x)).std() / math.sqrt(x.shape[0])
+        assert abs(ours[n].item() - mc.item()) < 5 * se.item() + 2e-3, (n, ours[n].item(), mc.item(), se.item())
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_mixture_kl_below_weighted_component_kls(backend):
+    """KL_var(q || p) <= sum_j pi_j KL(q || p_j) on random cases (Jensen)."""
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    N, C, J = 64, 4, 5
+    mu = 2 * torch.randn(N, C, generator=g, dtype=torch.float64)
+    logvar = torch.randn(N, C, generator=g, dtype=torch.float64)
+    nu = 2 * torch.randn(J, C, generator=g, dtype=torch.float64)
+    logtau2 = torch.randn(J, C, generator=g, dtype=torch.float64)
+    pi = torch.rand(J, generator=g, dtype=torch.float64) + 0.05
+    pi = pi / pi.sum()
+    kl_var = medmap_fast.gaussian_kl(mu, logvar, nu=nu, logtau2=logtau2, pi=pi, reduction="none", backend=backend)
+    per_comp = torch.stack(
+        [
+            reference.gaussian_kl(mu, logvar, nu[j : j + 1], logtau2[j : j + 1], reduction="none")
+            for j in range(J)
+        ],
+        -1,
+    )
+    bound = (per_comp * pi).sum(-1)
+    assert (kl_var <= bound + 1e-10).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# Edge cases shared by the three ops
+# ----------------------------------------------------------------------------------------------
+
+
+def _three_ops(feats, mask, backend, **kw):
+    """Each op's loss on the features (gaussian_kl per voxel, stacked view)."""
+    st = torch.stack(list(feats), 1) if not isinstance(feats, torch.Tensor) else feats
+    C = st.shape[2]
+    nu = torch.zeros(2, C, dtype=torch.float32, device=st.device)
+    nu[1] += 1
+    return {
+        "anchor_align": medmap_fast.anchor_align(feats, mask, backend=backend, **kw),
+        "moment_matching": medmap_fast.moment_matching(feats, mask, backend=backend, **kw),
+        "gaussian_kl": medmap_fast.gaussian_kl(
+            st.movedim(2, -1), nu=nu, logtau2=torch.zeros_like(nu), mask=mask, backend=backend, **kw
+        ),
+    }
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+def test_sample_with_nothing_present_adds_nothing(backend):
+    device = require_backend(backend)
+    seed = fresh_seed()
+    feats, _ = make_features(3, 4, 3, (4, 3, 5), torch.float32, device, "contiguous", False, seed)
+    mask = make_mask("random", 3, 4, seed, device)
+    mask[0] = False
+    poison_missing(feats, mask)
+    feats = [f.requires_grad_() for f in feats]
+    losses = _three_ops(feats, mask, backend, reduction="sum")
+    trimmed = _three_ops([f[1:].detach() for f in feats], mask[1:], backend, reduction="sum")
+    for name, loss in losses.items():
+        assert torch.isfinite(loss), name
+        torch.testing.assert_close(loss, trimmed[name], rtol=1e-5, atol=1e-6, msg=name)
+        grads = torch.autograd.grad(loss, feats)
+        for k, gk in enumerate(grads):
+            assert torch.isfinite(gk[mask[:, k]]).all(), name
+            assert (gk[~mask[:, k]] == 0).all(), f"{name}: missing modality {k} got a gradient"
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_non_finite_input_gives_nan_or_clear_error(backend):
+    feats = [torch.randn(2, 3, 4, 4, 4) for _ in range(3)]
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    feats[1][1, 2, 3, 0, 1] = float("nan")
+    for name, loss in _three_ops(feats, mask, backend).items():
+        assert torch.isnan(loss), f"{name} should be NaN like PyTorch's losses, got {loss}"
+    with pytest.raises(ValueError, match=r"features\[1\].*\(1, 2, 3, 0, 1\)"):
+        medmap_fast.anchor_align(feats, mask, check_finite=True, backend=backend)
+    with pytest.raises(ValueError, match=r"features\[1\].*\(1, 2, 3, 0, 1\)"):
+        medmap_fast.moment_matching(feats, mask, check_finite=True, backend=backend)
+    mu = torch.randn(5, 4)
+    mu[3, 2] = float("inf")
+    with pytest.raises(ValueError, match=r"mu.*\(3, 2\)"):
+        medmap_fast.gaussian_kl(mu, check_finite=True, backend=backend)
+    # a non-finite value in a missing modality is not an error: it is never read
+    mask[1, 1] = False
+    medmap_fast.anchor_align(feats, mask, check_finite=True, backend=backend)
+
+
+@pytest.mark.parametrize("op", ["anchor_align", "moment_matching", "gaussian_kl"])
+def test_deterministic(op):
+    """Two runs, bitwise equal losses and gradients (reductions without atomics)."""
+    require_backend("cpu")
+    seed = fresh_seed()
+    feats, _ = make_features(2, 4, 16, (24, 20, 18), torch.float32, torch.device("cpu"), "contiguous", False, seed)
+    mask = torch.tensor([[1, 1, 0, 1], [1, 1, 1, 1]], dtype=torch.bool)
+    theta = torch.randn(4)
+    nu, lt, pl = torch.randn(4, 16), torch.zeros(4, 16), torch.zeros(4)
+
+    def run():
+        fs = [f.detach().clone().requires_grad_() for f in feats]
+        th = theta.clone().requires_grad_()
+        params = [nu.clone().requires_grad_(), lt.clone().requires_grad_(), pl.clone().requires_grad_()]
+        if op == "anchor_align":
+            loss = medmap_fast.anchor_align(fs, mask, th.softmax(0), backend="cpu")
+            leaves = fs + [th]
+        elif op == "moment_matching":
+            loss = medmap_fast.moment_matching(fs, mask, th.softmax(0), backend="cpu")
+            leaves = fs + [th]
+        else:
+            mu = torch.stack(fs, 1).movedim(2, -1)
+            loss = medmap_fast.gaussian_kl(mu, nu=params[0], logtau2=params[1], pi_logits=params[2], mask=mask, backend="cpu")
+            leaves = fs + params
+        return [loss, *torch.autograd.grad(loss * 3.0, leaves)]
+
+    a, b = run(), run()
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd, torch.library, torch.compile
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_gradcheck(backend):
+    device = require_backend(backend, torch.float64)
+    # Triton's interpreter runs each launch in Python: its slow mode would take minutes.
+    fast = backend == "triton" and device.type == "cpu"
+    gradcheck = lambda fn, args: torch.autograd.gradcheck(fn, args, fast_mode=fast)
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    feats = [torch.randn(2, 3, 3, 2, 2, generator=g, dtype=torch.float64).to(device).requires_grad_() for _ in range(3)]
+    mask = torch.tensor([[1, 0, 1], [1, 1, 1]], dtype=torch.bool, device=device)
+    theta = torch.randn(3, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    sigma2 = (torch.rand(3, generator=g, dtype=torch.float64) + 0.5).to(device).requires_grad_()
+
+    def aa(*args):
+        *fs, th, s2 = args
+        return medmap_fast.anchor_align(list(fs), mask, th.softmax(0), sigma2=s2, reduction="none", backend=backend)
+
+    assert gradcheck(aa, (*feats, theta, sigma2))
+
+    def mm(*args):
+        *fs, th = args
+        return medmap_fast.moment_matching(list(fs), mask, th.softmax(0), reduction="none", backend=backend)
+
+    assert gradcheck(mm, (*feats, theta))
+    mu = torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    lv = (0.3 * torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64)).to(device).requires_grad_()
+    nu = torch.randn(3, 4, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    lt = (0.3 * torch.randn(3, 4, generator=g, dtype=torch.float64)).to(device).requires_grad_()
+    pl = torch.randn(3, generator=g, dtype=torch.float64).to(device).requires_grad_()
+
+    def kl(mu, lv, nu, lt, pl):
+        return medmap_fast.gaussian_kl(mu, lv, nu=nu, logtau2=lt, pi_logits=pl, mask=mask, reduction="none", backend=backend)
+
+    assert gradcheck(kl, (mu, lv, nu, lt, pl))
+
+
+def test_opcheck_custom_ops():
+    require_backend("cpu")
+    from medmap_fast.ops import anchor_align as aa_mod
+    from medmap_fast.ops import gaussian_kl as kl_mod
+    from medmap_fast.ops import moment_matching as mm_mod
+
+    feats = [torch.randn(2, 3, 4, 5, requires_grad=True) for _ in range(3)]
+    present = torch.tensor([[1, 0, 1], [1, 1, 1]], dtype=torch.bool)
+    coef = medmap_fast.ops.anchor_align.anchor_coefficients(present, None, 3, torch.float32).requires_grad_()
+    torch.library.opcheck(aa_mod.anchor_sq, (feats, coef, present, False, False, "cpu"))
+    torch.library.opcheck(mm_mod.channel_moments, (feats, coef, present, False, "cpu"))
+    mu = torch.randn(2, 7, 4, requires_grad=True)
+    lv = torch.randn(2, 7, 4, requires_grad=True)
+    nu, lt = torch.randn(3, 4, requires_grad=True), torch.randn(3, 4, requires_grad=True)
+    logpi = torch.log_softmax(torch.randn(3), 0).requires_grad_()
+    torch.library.opcheck(kl_mod.gaussian_kl_rows, (mu, lv, present[:, 0].clone(), nu, lt, logpi, True, "cpu"))
+
+
+def test_torch_compile_fullgraph():
+    require_backend("cpu")
+    feats = [torch.randn(2, 4, 3, 4, 5, requires_grad=True) for _ in range(3)]
+    mask = torch.tensor([[1, 0, 1], [1, 1, 1]], dtype=torch.bool)
+    theta = torch.zeros(3, requires_grad=True)
+    nu, lt = torch.randn(2, 4, requires_grad=True), torch.zeros(2, 4, requires_grad=True)
+
+    def losses(fs, th, nu, lt):
+        st = torch.stack(fs, 1).movedim(2, -1)
+        return (
+            medmap_fast.anchor_align(fs, mask, th.softmax(0), backend="cpu")
+            + medmap_fast.moment_matching(fs, mask, th.softmax(0), backend="cpu")
+            + medmap_fast.gaussian_kl(st, nu=nu, logtau2=lt, mask=mask, backend="cpu")
+        )
+
+    eager = losses(feats, theta, nu, lt)
+    g_eager = torch.autograd.grad(eager, [*feats, theta, nu, lt])
+    compiled = torch.compile(losses, fullgraph=True)(feats, theta, nu, lt)
+    g_comp = torch.autograd.grad(compiled, [*feats, theta, nu, lt])
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(g_comp, g_eager):
+        torch.testing.assert_close(a, b)
+
+
+# ----------------------------------------------------------------------------------------------
+# anchor_impute fusion mode and return_anchor
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_anchor_impute_and_returned_anchor(backend, layout):
+    dtype = torch.float32
+    device = require_backend(backend, dtype, 4)
+    seed = fresh_seed()
+    feats, _ = make_features(3, 4, 5, (3, 4, 5), dtype, device, layout, False, seed)
+    mask = make_mask("random", 3, 4, seed, device)
+    theta = torch.randn(4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+    def impute(features, theta, fn, **kw):
+        return fn(features, mask, "anchor_impute", theta.softmax(0), **kw)
+
+    fused = loss_and_grads(lambda **a: impute(fn=medmap_fast.masked_fusion, backend=backend, **a),
+                           dict(features=feats, theta=theta.float().to(device)), seed + 1)
+    exact = loss_and_grads(lambda **a: impute(fn=reference.masked_fusion, **a), to64(dict(features=feats, theta=theta)), seed + 1)
+    compare("anchor_impute", fused, exact)
+    if layout == "channels_last":
+        assert fused[0].is_contiguous(memory_format=torch.channels_last_3d)
+    # the anchor returned by anchor_align, with and without grad (the single-read inference path)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            loss, a = medmap_fast.anchor_align(feats, mask, theta.float().softmax(0).to(device), return_anchor=True, backend=backend)
+        a64 = reference.anchor([f.double() for f in feats], mask, theta.softmax(0))
+        torch.testing.assert_close(a.double(), a64, rtol=2e-5, atol=2e-5)
