@@ -96,10 +96,14 @@ def gkl_fwd(mu, logvar, present, nu, logtau2, logpi):
 
 def gkl_bwd(mu, logvar, present, nu, logtau2, resp, w):
     """-> (grad_mu, grad_logvar, stats (3, J, C)); resp None means J == 1."""
-    mu64, var, diff, _ = _kl_terms(mu, logvar, nu, logtau2, torch.zeros(nu.shape[0], dtype=torch.float64))
     G, R, C = mu.shape
     J = nu.shape[0]
     keep = _keep(present, G, R)
+    # Dropped rows may hold anything (NaN included): select them away before any arithmetic.
+    zero = torch.zeros((), dtype=torch.float64)
+    mu = torch.where(keep.unsqueeze(-1), mu.double(), zero)
+    logvar = torch.where(keep.unsqueeze(-1), logvar.double().expand(G, R, C), zero)
+    mu64, var, diff, _ = _kl_terms(mu, logvar, nu, logtau2, torch.zeros(nu.shape[0], dtype=torch.float64))
     r = torch.ones(G, R, 1, dtype=torch.float64) if resp is None else resp.double()
     r = r * keep.unsqueeze(-1)
     w = w.double().expand(G, R) * keep

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <limits>
@@ -439,12 +440,18 @@ int main() {
         test_moments(fc, false);
       }
     }
-    for (bool perm : {false, true}) {
-      for (bool scalar_lv : {false, true}) {
-        test_gkl(3, 200, 16, 4, dt, perm, scalar_lv);
-        test_gkl(2, 37, 5, 1, dt, perm, scalar_lv);
+    // Both the AVX2 code and the portable code (forced by the variable) run
+    // on an AVX2 machine.
+    for (const char* no_avx2 : {"0", "1"}) {
+      setenv("MEDMAP_FAST_CPU_NO_AVX2", no_avx2, 1);
+      for (bool perm : {false, true}) {
+        for (bool scalar_lv : {false, true}) {
+          test_gkl(3, 200, 16, 4, dt, perm, scalar_lv);
+          test_gkl(2, 37, 5, 1, dt, perm, scalar_lv);
+        }
       }
     }
+    unsetenv("MEDMAP_FAST_CPU_NO_AVX2");
   }
   // Empty extents: sums are zero.
   {
