@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, List, Optional
+import weakref
+from typing import Callable, List
 
 import torch
 
@@ -66,20 +67,46 @@ def fusion_bytes(mode: str, B: int, M: int, C: int, S: int, itemsize: int, backw
     return total
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
+class _LiveTensorBytes:
+    """Counts the bytes of the tensor storages that ops create while active, and their peak.
+
+    Every op's outputs pass through ``__torch_dispatch__``; a storage is counted once (views share
+    it) and uncounted when the last tensor seen on it is freed. Scratch memory an op allocates and
+    frees inside its own kernel is not seen.
+    """
+
+    def __init__(self):
+        self.live = 0
+        self.peak = 0
+        self._refs = {}
+
+    def _release(self, key):
+        count, nbytes = self._refs[key]
+        if count > 1:
+            self._refs[key] = (count - 1, nbytes)
+        else:
+            del self._refs[key]
+            self.live -= nbytes
+
+    def track(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key == 0:
+            return
+        count, nbytes = self._refs.get(key, (0, storage.nbytes()))
+        if count == 0:
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+        self._refs[key] = (count + 1, nbytes)
+        weakref.finalize(t, self._release, key)
 
 
-def peak_memory(fn: Callable[[], object], device: torch.device) -> Optional[int]:
-    """Peak bytes above the starting level while ``fn()`` runs; None where it cannot be measured.
+def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes of tensors created while ``fn()`` runs, above what existed before.
 
-    CUDA: the caching allocator's peak statistic. CPU (Linux): the process's resident-set high-water
-    mark, reset just before the call (/proc/self/clear_refs), minus the resident set at the start;
-    large CPU tensors are mapped and unmapped directly, so this follows tensor memory closely.
+    CUDA: the caching allocator's peak statistic. CPU, which keeps no such statistic: the tensors the
+    ops create (autograd's saved tensors and gradients included), tracked from their creation to
+    their release (see ``_LiveTensorBytes``).
     """
     if device.type == "cuda":
         synchronize(device)
@@ -88,14 +115,22 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> Optional[int]
         fn()
         synchronize(device)
         return torch.cuda.max_memory_allocated(device) - start
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current resident set
-        start = _status_kib("VmRSS")
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    counter = _LiveTensorBytes()
+
+    class _Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and not t.is_meta:
+                    counter.track(t)
+            return out
+
+    with _Mode():
         fn()
-        return (_status_kib("VmHWM") - start) * 1024
-    except (OSError, KeyError):
-        return None
+    return counter.peak
 
 
 def kl_bytes(N: int, C: int, J: int, itemsize: int, backward: bool) -> int:

@@ -471,3 +471,24 @@ def test_anchor_impute_and_returned_anchor(backend, layout):
             loss, a = medmap_fast.anchor_align(feats, mask, theta.float().softmax(0).to(device), return_anchor=True, backend=backend)
         a64 = reference.anchor([f.double() for f in feats], mask, theta.softmax(0))
         torch.testing.assert_close(a.double(), a64, rtol=2e-5, atol=2e-5)
+
+
+def test_cpu_portable_path_without_avx2(monkeypatch):
+    """The CPU kernels' portable code (taken on machines without AVX2/FMA) against the float64 reference."""
+    require_backend("cpu")
+    monkeypatch.setenv("MEDMAP_FAST_CPU_NO_AVX2", "1")
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    feats, feats64 = make_features(2, 3, 5, (6, 5, 7), torch.float32, torch.device("cpu"), "channels_last", False, seed)
+    mask = torch.tensor([[1, 0, 1], [1, 1, 1]], dtype=torch.bool)
+    pi = torch.rand(3, generator=g) + 0.1
+    for op in ("anchor_align", "moment_matching"):
+        ours = getattr(medmap_fast, op)(feats, mask, pi, backend="cpu")
+        ref = getattr(reference, op)(feats64, mask, pi.double())
+        torch.testing.assert_close(ours.double(), ref, rtol=2e-5, atol=2e-6)
+    mu = torch.randn(2, 3, 40, 5, generator=g)
+    lv = 0.5 * torch.randn(2, 3, 40, 5, generator=g)
+    nu, lt = torch.randn(4, 5, generator=g), 0.3 * torch.randn(4, 5, generator=g)
+    ours = medmap_fast.gaussian_kl(mu, lv, nu=nu, logtau2=lt, mask=mask, reduction="none", backend="cpu")
+    ref = reference.gaussian_kl(mu.double(), lv.double(), nu.double(), lt.double(), mask=mask, reduction="none")
+    torch.testing.assert_close(ours.double(), ref, rtol=2e-5, atol=2e-5)
