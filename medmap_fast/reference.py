@@ -195,6 +195,12 @@ def gaussian_kl(
     if logvar is None:
         logvar = torch.zeros((), dtype=mu.dtype, device=mu.device)
     logvar = torch.as_tensor(logvar, dtype=mu.dtype, device=mu.device).expand(mu.shape)
+    lead = mu.shape[:-1]
+    if mask is not None:
+        # Dropped rows are never read: zeroed first, so that NaN there cannot reach any gradient.
+        keep_c = (mask != 0).view(*mask.shape, *([1] * (mu.dim() - mask.dim())))
+        zero = torch.zeros((), dtype=mu.dtype, device=mu.device)
+        mu, logvar = torch.where(keep_c, mu, zero), torch.where(keep_c, logvar, zero)
     var = logvar.exp()
     if nu is None:
         per_row = 0.5 * (mu * mu + var - 1 - logvar).sum(dim=-1)
@@ -207,7 +213,6 @@ def gaussian_kl(
         kl_j = 0.5 * ((v + (m - nu.to(mu.dtype)) ** 2) / lt.exp() - 1 - lv + lt).sum(dim=-1)  # (..., J)
         logw = _mixture_log_weights(J, pi, pi_logits, mu)
         per_row = -torch.logsumexp(logw - kl_j, dim=-1)
-    lead = per_row.shape
     if mask is None:
         keep = torch.ones(lead, dtype=torch.bool, device=mu.device)
     else:
@@ -253,6 +258,8 @@ def moment_matching(
     """
     f = stack_modalities(features)
     B, M, C = f.shape[:3]
+    # A missing modality is never read: zeroed first, so that NaN there cannot reach any gradient.
+    f = torch.where(present_mask(mask, f.dim()), f, torch.zeros((), dtype=f.dtype, device=f.device))
     x = f.reshape(B, M, C, -1)
     mean = x.mean(dim=-1)
     var = ((x - mean.unsqueeze(-1)) ** 2).mean(dim=-1)

@@ -138,7 +138,9 @@ def _moments(feats, stacked, present, pi, with_anchor, features, mask, name, S):
     C = _modalities(feats, stacked)[0].shape[1]
     acc = acc_dtype(ref.dtype)
     if name == "reference":
-        f = reference.stack_modalities(features).reshape(B, M, C, -1).to(acc)
+        f = reference.stack_modalities(features)
+        f = torch.where(reference.present_mask(mask, f.dim()), f, torch.zeros((), dtype=f.dtype, device=f.device))
+        f = f.reshape(B, M, C, -1).to(acc)
         if with_anchor:
             f = torch.cat([f, reference.anchor(f, mask, pi).unsqueeze(1)], 1)
         mean = f.mean(-1)
