@@ -29,7 +29,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .. import _checks
+from .. import _checks, reference
 from ..ops.anchor_align import anchor_align
 from ..ops.gaussian_kl import gaussian_kl
 from ..ops.masked_fusion import masked_fusion
@@ -222,8 +222,6 @@ class MedMAPAlign(nn.Module):
             shape = (ref.shape[0], *ref.shape[2:]) if isinstance(feats, Tensor) else ref.shape
             return torch.zeros(shape, dtype=ref.dtype, device=ref.device)
         w = pi.to(ref.device)
-        from .. import reference
-
         coef = reference.anchor_weights(mask, w, torch.float64 if ref.dtype == torch.float64 else torch.float32)
         return masked_fusion(feats, mask, "weighted", coef, backend=self.backend)
 

@@ -14,7 +14,9 @@ class MaskedFusion(nn.Module):
     """Fuse per-modality features with an availability mask.
 
     ``MaskedFusion("mean")(features, mask)``; for ``"weighted"``, pass ``weights`` to ``forward``
-    (e.g. the output of a small gating network, as RFNet's region-aware fusion does).
+    (e.g. the output of a small gating network, as RFNet's region-aware fusion does); for
+    ``"anchor_impute"``, optionally the anchor's weights pi over the modalities (e.g.
+    ``MedMAPAlign.modality_weights()``, so imputation uses the learned anchor).
     """
 
     def __init__(self, mode: str = "mean", normalize: bool = False, backend: Optional[str] = None):
