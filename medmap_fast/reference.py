@@ -169,7 +169,7 @@ def _mixture_log_weights(J: int, pi: Optional[torch.Tensor], pi_logits: Optional
     if pi_logits is not None:
         return torch.log_softmax(pi_logits.to(like.dtype), dim=0)
     if pi is not None:
-        return torch.log(pi.to(like.dtype) / pi.to(like.dtype).sum())
+        return safe_log(pi.to(like.dtype) / pi.to(like.dtype).sum())
     return torch.full((J,), -math.log(J), dtype=like.dtype, device=like.device)
 
 
@@ -227,12 +227,22 @@ def gaussian_kl(
     raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
+def safe_log(p: torch.Tensor) -> torch.Tensor:
+    """log p with log 0 = -inf and a zero (not NaN) gradient there: a component of weight 0 drops out."""
+    pos = p > 0
+    return torch.where(pos, torch.log(torch.where(pos, p, torch.ones_like(p))), torch.full_like(p, float("-inf")))
+
+
 def mixture_moments(nu, logtau2, pi=None, pi_logits=None):
     """Per-channel mean and variance of the mixture sum_j pi_j N(nu_j, exp(logtau2_j)), each (C,)."""
-    w = _mixture_log_weights(nu.shape[0], pi, pi_logits, nu).exp().unsqueeze(-1)
+    if pi is not None:
+        w = pi.to(nu.dtype) / pi.to(nu.dtype).sum()
+    else:
+        w = _mixture_log_weights(nu.shape[0], None, pi_logits, nu).exp()
+    w = w.unsqueeze(-1)
     mean = (w * nu).sum(0)
-    second = (w * (logtau2.exp() + nu * nu)).sum(0)
-    return mean, second - mean * mean
+    # sum pi (tau^2 + nu^2) - mean^2, written without the cancellation of its two large terms
+    return mean, (w * (logtau2.exp() + (nu - mean) ** 2)).sum(0)
 
 
 def moment_matching(
@@ -260,12 +270,12 @@ def moment_matching(
     B, M, C = f.shape[:3]
     # A missing modality is never read: zeroed first, so that NaN there cannot reach any gradient.
     f = torch.where(present_mask(mask, f.dim()), f, torch.zeros((), dtype=f.dtype, device=f.device))
-    x = f.reshape(B, M, C, -1)
+    x = f.reshape(B, M, C, math.prod(f.shape[3:]))
     mean = x.mean(dim=-1)
     var = ((x - mean.unsqueeze(-1)) ** 2).mean(dim=-1)
     sigma = (var + eps).sqrt()
     if target == "anchor":
-        a = anchor(f, mask, pi).reshape(B, C, -1)
+        a = anchor(f, mask, pi).reshape(B, C, x.shape[-1])
         if detach_anchor:
             a = a.detach()
         t_mean = a.mean(dim=-1).unsqueeze(1)

@@ -215,6 +215,8 @@ def test_modality_gap():
         (lambda f, m: MedMAPAlign(4, 6, anchor="mixture", loss="kl"), "does not go with"),
         (lambda f, m: MedMAPAlign(4, 6)(f[:3], m), "expected M=4"),
         (lambda f, m: MedMAPAlign(4, 6, anchor="fixed", pi=[1, -1, 0, 0]), "non-negative"),
+        (lambda f, m: MedMAPAlign(4, 6, sigma2=torch.ones(6)), "sigma2 must be a positive number"),
+        (lambda f, m: medmap_fast.gaussian_kl(f[0].movedim(1, -1), mask=m[:, 0] * 2), "only 0 and 1"),
     ],
 )
 def test_clear_errors(call, match):
@@ -222,3 +224,25 @@ def test_clear_errors(call, match):
     mask = torch.ones(2, 4, dtype=torch.bool)
     with pytest.raises((ValueError, TypeError), match=match):
         call(feats, mask)
+
+
+def test_module_logvar_forms_agree():
+    """Per-voxel log-variances given stacked or as a list, with listed or stacked features (B == M)."""
+    require_backend("cpu")
+    g = torch.Generator().manual_seed(fresh_seed())
+    feats = [torch.randn(3, 6, 3, 4, 2, generator=g) for _ in range(3)]
+    logvar = [0.3 * torch.randn(3, 6, 3, 4, 2, generator=g) for _ in range(3)]
+    mask = torch.tensor([[1, 0, 1], [1, 1, 0], [0, 1, 1]], dtype=torch.bool)
+    module = MedMAPAlign(3, 6, anchor="mixture", backend="cpu")
+    values = [
+        module(f, mask, logvar=lv)
+        for f in (feats, torch.stack(feats, 1))
+        for lv in (logvar, torch.stack(logvar, 1))
+    ]
+    for v in values[1:]:
+        torch.testing.assert_close(v, values[0], rtol=1e-5, atol=1e-6)
+    bad = [t.clone() for t in feats]
+    bad[2][0, 1, 2, 3, 1] = float("nan")
+    checking = MedMAPAlign(3, 6, anchor="mixture", check_finite=True, backend="cpu")
+    with pytest.raises(ValueError, match=r"features\[2\].*\(0, 1, 2, 3, 1\)"):
+        checking(bad, mask)

@@ -467,12 +467,23 @@ def test_anchor_impute_and_returned_anchor(backend, layout):
     compare("anchor_impute", fused, exact)
     if layout == "channels_last":
         assert fused[0].is_contiguous(memory_format=torch.channels_last_3d)
-    # the anchor returned by anchor_align, with and without grad (the single-read inference path)
-    for grad in (True, False):
-        with torch.set_grad_enabled(grad):
-            loss, a = medmap_fast.anchor_align(feats, mask, theta.float().softmax(0).to(device), return_anchor=True, backend=backend)
-        a64 = reference.anchor([f.double() for f in feats], mask, theta.softmax(0))
-        torch.testing.assert_close(a.double(), a64, rtol=2e-5, atol=2e-5)
+    # the anchor returned by anchor_align: differentiable (checked against the reference's gradient),
+    # and from the single-read inference path when nothing needs a gradient
+    a64 = reference.anchor([f.double() for f in feats], mask, theta.softmax(0))
+    g_a = torch.rand(a64.shape, generator=torch.Generator().manual_seed(seed + 2), dtype=torch.float64)
+    fs = [f.detach().clone().requires_grad_() for f in feats]
+    th = theta.float().to(device).requires_grad_()
+    loss, a = medmap_fast.anchor_align(fs, mask, th.softmax(0), return_anchor=True, backend=backend)
+    torch.testing.assert_close(a.double(), a64, rtol=2e-5, atol=2e-5)
+    grads = torch.autograd.grad(a, fs + [th], g_a.to(a.dtype))
+    fs64 = [f.detach().double().requires_grad_() for f in feats]
+    th64 = theta.detach().clone().requires_grad_()
+    grads64 = torch.autograd.grad(reference.anchor(fs64, mask, th64.softmax(0)), fs64 + [th64], g_a)
+    for g, g64 in zip(grads, grads64):
+        torch.testing.assert_close(g.double(), g64, rtol=2e-5, atol=2e-5)
+    with torch.no_grad():
+        _, a_inf = medmap_fast.anchor_align(feats, mask, theta.float().softmax(0).to(device), return_anchor=True, backend=backend)
+    torch.testing.assert_close(a_inf.double(), a64, rtol=2e-5, atol=2e-5)
 
 
 def test_cpu_portable_path_without_avx2(monkeypatch):
@@ -494,3 +505,34 @@ def test_cpu_portable_path_without_avx2(monkeypatch):
     ours = medmap_fast.gaussian_kl(mu, lv, nu=nu, logtau2=lt, mask=mask, reduction="none", backend="cpu")
     ref = reference.gaussian_kl(mu.double(), lv.double(), nu.double(), lt.double(), mask=mask, reduction="none")
     torch.testing.assert_close(ours.double(), ref, rtol=2e-5, atol=2e-5)
+
+
+def test_edge_inputs():
+    """Empty batches, zero mixture weights, half-precision reference fallback, large-offset mixtures."""
+    require_backend("cpu")
+    for backend in ("cpu", "reference"):
+        empty = torch.randn(0, 3, 4, 2, 2)
+        assert medmap_fast.anchor_align(empty, torch.ones(0, 3), backend=backend, reduction="sum") == 0
+        assert medmap_fast.moment_matching(empty, torch.ones(0, 3), backend=backend, reduction="sum") == 0
+        # a component of weight 0 drops out, with finite gradients for every weight
+        pi = torch.tensor([0.5, 0.5, 0.0], requires_grad=True)
+        nu = torch.randn(3, 4)
+        kl = medmap_fast.gaussian_kl(torch.randn(10, 4), nu=nu, logtau2=torch.zeros(3, 4), pi=pi, backend=backend)
+        (g,) = torch.autograd.grad(kl, [pi])
+        assert torch.isfinite(kl) and torch.isfinite(g).all()
+        two = medmap_fast.gaussian_kl(torch.randn(10, 4), nu=nu[:2], logtau2=torch.zeros(2, 4), pi=pi[:2].detach(), backend=backend)
+        assert torch.isfinite(two)
+    # half-precision input that overflows if summed in half: the reference path widens first
+    big = [300 * torch.randn(2, 4, 3, 4, 5).half() for _ in range(3)]
+    ones = torch.ones(2, 3, dtype=torch.bool)
+    ref = medmap_fast.anchor_align(big, ones, backend="reference")
+    fused = medmap_fast.anchor_align(big, ones, backend="cpu")
+    assert torch.isfinite(ref) and torch.isfinite(fused)
+    torch.testing.assert_close(ref, fused, rtol=1e-4, atol=0)
+    # mixture target moments far from 0: variance from centred terms, not E[x^2] - E[x]^2
+    nu = torch.tensor([[3000.0], [3000.5]])
+    lt = torch.full((2, 1), -2.0)
+    f = 3000 + torch.randn(2, 2, 1, 5, 5, 5)
+    ours = medmap_fast.moment_matching(f, torch.ones(2, 2), target="mixture", nu=nu, logtau2=lt, backend="cpu")
+    exact = reference.moment_matching(f.double(), torch.ones(2, 2), target="mixture", nu=nu.double(), logtau2=lt.double())
+    torch.testing.assert_close(ours.double(), exact, rtol=1e-3, atol=1e-4)

@@ -66,7 +66,9 @@ class MedMAPAlign(nn.Module):
         detach_anchor: stop the gradient through the anchor (P_mix anchors).
         eps: variance floor of ``"moments"``.
         theta_std: the standard deviation of theta's initialisation (learned anchor).
-        reduction: ``"mean"`` (default) or ``"sum"``.
+        reduction: ``"mean"`` (default) or ``"sum"``. ``"sum"`` adds the ops' own terms: per present
+            (b, k) means for ``kl`` and ``moments``, but per-voxel KLs for ``mixture_kl`` (about S
+            times larger): prefer ``"mean"`` when comparing losses.
         check_finite: raise on non-finite features of present modalities instead of returning NaN.
         backend: the ops' backend (None: automatic).
     """
@@ -102,6 +104,8 @@ class MedMAPAlign(nn.Module):
             )
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        if isinstance(sigma2, bool) or not isinstance(sigma2, (int, float)):
+            raise TypeError(f"sigma2 must be a positive number, got {type(sigma2).__name__}")
         _checks.check_positive(sigma2, "sigma2", channels, torch.device("cpu"))
         if pi is not None and anchor != "fixed":
             raise ValueError(f"pi is the fixed anchor's weights: it needs anchor='fixed', got anchor={anchor!r}")
@@ -179,8 +183,16 @@ class MedMAPAlign(nn.Module):
             )
         if logvar is not None and self.loss != "mixture_kl":
             raise ValueError(f"logvar is only used by loss='mixture_kl', got loss={self.loss!r}")
+        if self.check_finite:
+            # here rather than in the ops, so that errors name features[k] in the caller's indexing
+            mods, stacked = _checks.modality_list(feats)
+            B = mods[0].shape[0]
+            _checks.check_finite_modalities(mods, stacked, _checks.check_mask(mask, B, M, mods[0].device))
+            if logvar is not None:
+                lv_mods, lv_stacked = _checks.modality_list(logvar, "logvar")
+                _checks.check_finite_modalities(lv_mods, lv_stacked, _checks.check_mask(mask, B, M, mods[0].device), "logvar")
         pi = self.modality_weights()
-        common = dict(reduction=self.reduction, check_finite=self.check_finite, backend=self.backend)
+        common = dict(reduction=self.reduction, check_finite=False, backend=self.backend)
         if self.loss == "kl":
             kind = "normal" if self.anchor == "normal" else "mix"
             value = anchor_align(
@@ -238,7 +250,12 @@ class MedMAPAlign(nn.Module):
         total = None
         kept = 0
         for k, f in enumerate(feats):
-            lv = const_lv if logvar is None else logvar[k].movedim(1, -1)
+            if logvar is None:
+                lv = const_lv
+            elif isinstance(logvar, Tensor):  # stacked (B, M, C, ...) log-variances with listed features
+                lv = logvar[:, k].movedim(1, -1)
+            else:
+                lv = logvar[k].movedim(1, -1)
             part = gaussian_kl(f.movedim(1, -1), lv, mask=mask[:, k], **mixture, **{**common, "reduction": "sum"})
             total = part if total is None else total + part
             kept = kept + (mask[:, k] != 0).sum() * math.prod(f.shape[2:])

@@ -7,6 +7,7 @@ cannot be flattened into one strided axis is copied once into a dense layout.
 
 from __future__ import annotations
 
+import math
 from typing import List, Sequence
 
 import torch
@@ -46,11 +47,12 @@ def as_bcs(t: torch.Tensor) -> torch.Tensor:
     if t.dim() == 3:
         return t
     B, C = t.shape[:2]
+    S = math.prod(t.shape[2:])  # explicit: view(B, C, -1) is ambiguous for empty tensors
     try:
-        return t.view(B, C, -1)
+        return t.view(B, C, S)
     except RuntimeError:
         # Spatial dims that do not collapse (e.g. a permuted or sliced volume): copy once.
-        return empty(t.shape, channels_last(t), t).copy_(t).view(B, C, -1)
+        return empty(t.shape, channels_last(t), t).copy_(t).view(B, C, S)
 
 
 def common_bcs(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:

@@ -207,10 +207,11 @@ def anchor_align(
         "anchor_align", ref.device, backend, lambda n: _backends.reason(n, ref.device, ref.dtype, M)
     )
     if name == "reference":
-        loss = reference.anchor_align(features, mask, pi, anchor, _as_acc(sigma2, acc, ref.device), detach_anchor, reduction)
-        loss = loss.to(acc)
+        # in the accumulation precision: half-precision squares and sums overflow
+        wide = features.to(acc) if stacked else [f.to(acc) for f in feats]
+        loss = reference.anchor_align(wide, mask, pi, anchor, _as_acc(sigma2, acc, ref.device), detach_anchor, reduction)
         if return_anchor:
-            return loss, _anchor_tensor(features, mask, pi, anchor, ref)
+            return loss, _anchor_tensor(features, mask, pi, anchor, ref, backend=name)
         return loss
     if anchor == "mix":
         coef = anchor_coefficients(present, pi, C, acc)

@@ -198,7 +198,7 @@ def _log_weights(J: int, pi, pi_logits, acc, device) -> Tensor:
         return torch.log_softmax(pi_logits.to(acc), dim=0)
     if pi is not None:
         p = pi.to(acc)
-        return torch.log(p / p.sum())
+        return reference.safe_log(p / p.sum())
     return torch.full((J,), -math.log(J), dtype=acc, device=device)
 
 
@@ -215,6 +215,11 @@ def _check_mask(mask, lead, device) -> Optional[Tensor]:
         raise ValueError(f"mask is on {mask.device} but mu is on {device}")
     if mask.is_complex():
         raise TypeError(f"mask must be bool or real 0/1 numbers, got {mask.dtype}")
+    if mask.dtype != torch.bool and _checks._values_checkable():
+        bad = (mask != 0) & (mask != 1)
+        if bool(bad.any()):
+            idx = tuple(int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"mask must hold only 0 and 1 (or be bool), got {mask[idx].item()} at index {idx}")
     return mask
 
 
@@ -295,8 +300,8 @@ def gaussian_kl(
         "gaussian_kl", mu.device, backend, lambda n: _backends.gkl_reason(n, mu.device, mu.dtype, comps, C)
     )
     if name == "reference":
-        out = reference.gaussian_kl(mu, lv, nu, logtau2, pi, pi_logits, mask, reduction)
-        return out.to(acc)
+        # in the accumulation precision: half-precision squares and sums overflow
+        return reference.gaussian_kl(mu.to(acc), lv.to(acc), nu, logtau2, pi, pi_logits, mask, reduction)
     if J is None:
         nu_a = torch.zeros((1, C), dtype=acc, device=mu.device)
         lt_a = torch.zeros((1, C), dtype=acc, device=mu.device)

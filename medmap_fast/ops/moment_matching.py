@@ -140,7 +140,7 @@ def _moments(feats, stacked, present, pi, with_anchor, features, mask, name, S):
     if name == "reference":
         f = reference.stack_modalities(features)
         f = torch.where(reference.present_mask(mask, f.dim()), f, torch.zeros((), dtype=f.dtype, device=f.device))
-        f = f.reshape(B, M, C, -1).to(acc)
+        f = f.reshape(B, M, C, S).to(acc)
         if with_anchor:
             f = torch.cat([f, reference.anchor(f, mask, pi).unsqueeze(1)], 1)
         mean = f.mean(-1)
@@ -208,6 +208,8 @@ def moment_matching(
     name = dispatch.select(
         "moment_matching", ref.device, backend, lambda n: _backends.reason(n, ref.device, ref.dtype, M)
     )
+    if target == "anchor" and detach_anchor and pi is not None:
+        pi = pi.detach()  # the anchor's moments are a constant target: no gradient into pi at all
     mean, var = _moments(feats, stacked, present, pi, target == "anchor", features, mask, name, S)
     sigma = (var[:, :M] + eps).sqrt()
     mu = mean[:, :M]
