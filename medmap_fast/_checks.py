@@ -57,6 +57,22 @@ def modality_list(
     return list(features), False
 
 
+def first_bad_index(bad: torch.Tensor) -> tuple:
+    """The index of the first true element of a bool tensor, as a tuple of ints."""
+    return tuple(int(i) for i in bad.nonzero()[0]) if bad.dim() else ()
+
+
+def check_binary_values(mask: torch.Tensor, name: str) -> None:
+    """A non-bool mask must hold only 0 and 1 (a data-dependent check, skipped while tracing)."""
+    if mask.is_complex():
+        raise TypeError(f"{name} must be bool or real 0/1 numbers, got {mask.dtype}")
+    if mask.dtype != torch.bool and _values_checkable():
+        bad = (mask != 0) & (mask != 1)
+        if bool(bad.any()):
+            idx = first_bad_index(bad)
+            raise ValueError(f"{name} must hold only 0 and 1 (or be bool), got {mask[idx].item()} at index {idx}")
+
+
 def _check_float(t: torch.Tensor, name: str) -> None:
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
@@ -70,14 +86,7 @@ def check_mask(mask, B: int, M: int, device: torch.device, name: str = "mask") -
         raise ValueError(f"{name} must have shape (B, M) = ({B}, {M}) to match the features, got {tuple(mask.shape)}")
     if mask.device != device:
         raise ValueError(f"{name} is on {mask.device} but the features are on {device}: they must be on one device")
-    if mask.is_complex():
-        raise TypeError(f"{name} must be bool or real 0/1 numbers, got {mask.dtype}")
-    if mask.dtype != torch.bool and not torch.compiler.is_compiling():
-        # A data-dependent check: skipped while tracing, where it would break the graph.
-        bad = (mask != 0) & (mask != 1)
-        if bool(bad.any()):
-            idx = tuple(int(i) for i in bad.nonzero()[0])
-            raise ValueError(f"{name} must hold only 0 and 1 (or be bool), got {mask[idx].item()} at index {idx}")
+    check_binary_values(mask, name)
     return (mask != 0).contiguous()
 
 
@@ -116,7 +125,7 @@ def check_weights_vector(pi, shapes: Sequence[tuple], name: str, device: torch.d
     if _values_checkable():
         bad = ~(torch.isfinite(pi) & (pi >= 0))
         if bool(bad.any()):
-            idx = tuple(int(i) for i in bad.nonzero()[0])
+            idx = first_bad_index(bad)
             raise ValueError(f"{name} must be finite and non-negative, got {pi[idx].item()} at index {idx}")
     return pi
 
@@ -135,7 +144,7 @@ def check_positive(value, name: str, channels: int, device: torch.device):
         if _values_checkable():
             bad = ~(value > 0)
             if bool(bad.any()):
-                idx = tuple(int(i) for i in bad.nonzero()[0]) if value.dim() else ()
+                idx = first_bad_index(bad)
                 raise ValueError(f"{name} must be positive, got {value[idx].item()} at index {idx}")
         return value
     if not value > 0 or value != value or value == float("inf"):
@@ -151,7 +160,7 @@ def check_finite(t: torch.Tensor, name: str, keep=None) -> None:
     if keep is not None:
         bad = bad & keep
     if bool(bad.any()):
-        idx = tuple(int(i) for i in bad.nonzero()[0])
+        idx = first_bad_index(bad)
         raise ValueError(f"{name} has a non-finite value ({t[idx].item()}) at index {idx} (check_finite=True)")
 
 

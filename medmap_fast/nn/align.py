@@ -29,8 +29,8 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .. import _checks, reference
-from ..ops.anchor_align import anchor_align
+from .. import _checks
+from ..ops.anchor_align import anchor_align, anchor_tensor
 from ..ops.gaussian_kl import gaussian_kl
 from ..ops.masked_fusion import masked_fusion
 from ..ops.moment_matching import moment_matching
@@ -186,11 +186,11 @@ class MedMAPAlign(nn.Module):
         if self.check_finite:
             # here rather than in the ops, so that errors name features[k] in the caller's indexing
             mods, stacked = _checks.modality_list(feats)
-            B = mods[0].shape[0]
-            _checks.check_finite_modalities(mods, stacked, _checks.check_mask(mask, B, M, mods[0].device))
+            present = _checks.check_mask(mask, mods[0].shape[0], M, mods[0].device)
+            _checks.check_finite_modalities(mods, stacked, present)
             if logvar is not None:
                 lv_mods, lv_stacked = _checks.modality_list(logvar, "logvar")
-                _checks.check_finite_modalities(lv_mods, lv_stacked, _checks.check_mask(mask, B, M, mods[0].device), "logvar")
+                _checks.check_finite_modalities(lv_mods, lv_stacked, present, "logvar")
         pi = self.modality_weights()
         common = dict(reduction=self.reduction, check_finite=False, backend=self.backend)
         if self.loss == "kl":
@@ -218,24 +218,18 @@ class MedMAPAlign(nn.Module):
         if return_imputed:
             if self.anchor not in ("learned", "fixed", "normal"):
                 raise ValueError("return_imputed needs a per-sample anchor: anchor 'learned', 'fixed' or 'normal'")
-            weights = pi if pi is not None else None
             if self.anchor == "normal":
                 fused = masked_fusion(feats, mask, "zero_concat", backend=self.backend)
             else:
-                fused = masked_fusion(feats, mask, "anchor_impute", weights, backend=self.backend)
+                fused = masked_fusion(feats, mask, "anchor_impute", pi, backend=self.backend)
             imputed = fused.unflatten(1, (M, self.channels))
         return AlignOutput(value, anchor_t, imputed)
 
     def _anchor(self, feats, mask, pi) -> Tensor:
         if self.anchor == "mixture":
             raise ValueError("return_anchor needs a per-sample anchor: anchor 'learned', 'fixed' or 'normal'")
-        ref = feats if isinstance(feats, Tensor) else feats[0]
-        if self.anchor == "normal":
-            shape = (ref.shape[0], *ref.shape[2:]) if isinstance(feats, Tensor) else ref.shape
-            return torch.zeros(shape, dtype=ref.dtype, device=ref.device)
-        w = pi.to(ref.device)
-        coef = reference.anchor_weights(mask, w, torch.float64 if ref.dtype == torch.float64 else torch.float32)
-        return masked_fusion(feats, mask, "weighted", coef, backend=self.backend)
+        kind = "normal" if self.anchor == "normal" else "mix"
+        return anchor_tensor(feats, mask, pi, kind, backend=self.backend)
 
     def _voxel_kl(self, feats, mask, logvar, common) -> Tensor:
         mixture = {}

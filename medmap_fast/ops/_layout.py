@@ -13,6 +13,11 @@ from typing import List, Sequence
 import torch
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation and statistics dtype of the kernels: float64 for float64 data, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def channels_last(t: torch.Tensor) -> bool:
     """Whether (B, C, *spatial) ``t`` keeps its channels innermost (and so should its outputs)."""
     spatial = 1

@@ -10,6 +10,7 @@ carries the gradient from the loss to the per-(b, k, c) sums and from the coeffi
 
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence, Union
 
 import torch
@@ -17,6 +18,7 @@ from torch import Tensor
 
 from .. import _checks, _memory, dispatch, reference
 from . import _backends, _layout
+from ._layout import acc_dtype
 from .masked_fusion import _grad_buffers, _modalities, masked_fusion
 
 ANCHORS = ("mix", "normal")
@@ -110,10 +112,6 @@ def _(feats, coef, present, stacked, backend):
 # ----------------------------------------------------------------------------------------------
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def check_pi(pi, B: int, M: int, device: torch.device):
     return _checks.check_weights_vector(pi, [(M,), (B, M)], "pi", device, "mixture weights over the modalities")
 
@@ -129,19 +127,12 @@ def feature_geometry(feats: List[Tensor], stacked: bool):
     ref = feats[0]
     if stacked:
         B, M, C = ref.shape[:3]
-        S = _prod(ref.shape[3:])
+        S = math.prod(ref.shape[3:])
     else:
         B, C = ref.shape[:2]
         M = len(feats)
-        S = _prod(ref.shape[2:])
+        S = math.prod(ref.shape[2:])
     return B, M, C, S
-
-
-def _prod(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
 
 
 def reduce_per_modality(per_bk: Tensor, present: Tensor, reduction: str) -> Tensor:
@@ -211,7 +202,7 @@ def anchor_align(
         wide = features.to(acc) if stacked else [f.to(acc) for f in feats]
         loss = reference.anchor_align(wide, mask, pi, anchor, _as_acc(sigma2, acc, ref.device), detach_anchor, reduction)
         if return_anchor:
-            return loss, _anchor_tensor(features, mask, pi, anchor, ref, backend=name)
+            return loss, anchor_tensor(features, mask, pi, anchor, backend=name)
         return loss
     if anchor == "mix":
         coef = anchor_coefficients(present, pi, C, acc)
@@ -233,7 +224,7 @@ def anchor_align(
     if not return_anchor:
         return loss
     if anchor_out is None:
-        anchor_out = _anchor_tensor(features, mask, pi, anchor, ref, backend=name)
+        anchor_out = anchor_tensor(features, mask, pi, anchor, backend=name)
     return loss, anchor_out
 
 
@@ -243,11 +234,12 @@ def _as_acc(sigma2, acc: torch.dtype, device: torch.device) -> Tensor:
     return torch.tensor(float(sigma2), dtype=acc, device=device)
 
 
-def _anchor_tensor(features, mask, pi, anchor: str, ref: Tensor, backend: Optional[str] = None) -> Tensor:
-    """The anchor (B, C, *spatial), differentiable: a weighted fusion with the anchor weights."""
+def anchor_tensor(features, mask, pi, anchor: str = "mix", backend: Optional[str] = None) -> Tensor:
+    """The anchor (B, C, *spatial), differentiable: a weighted fusion with the anchor weights
+    (``anchor="mix"``), or zeros (``"normal"``)."""
+    feats, stacked = _checks.modality_list(features)
+    mods = _modalities(feats, stacked)
     if anchor == "normal":
-        feats, stacked = _checks.modality_list(features)
-        mods = _modalities(feats, stacked)
         return torch.zeros_like(mods[0])
-    w = reference.anchor_weights((mask != 0), pi, acc_dtype(ref.dtype))
+    w = reference.anchor_weights((mask != 0), pi, acc_dtype(mods[0].dtype))
     return masked_fusion(features, mask, "weighted", w, normalize=False, backend=backend)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _memory, dispatch, reference
-from . import _backends
+from . import _backends, _layout
 
 # ----------------------------------------------------------------------------------------------
 # Custom ops on (G, R, C) row views
@@ -213,13 +213,7 @@ def _check_mask(mask, lead, device) -> Optional[Tensor]:
         )
     if mask.device != device:
         raise ValueError(f"mask is on {mask.device} but mu is on {device}")
-    if mask.is_complex():
-        raise TypeError(f"mask must be bool or real 0/1 numbers, got {mask.dtype}")
-    if mask.dtype != torch.bool and _checks._values_checkable():
-        bad = (mask != 0) & (mask != 1)
-        if bool(bad.any()):
-            idx = tuple(int(i) for i in bad.nonzero()[0])
-            raise ValueError(f"mask must hold only 0 and 1 (or be bool), got {mask[idx].item()} at index {idx}")
+    _checks.check_binary_values(mask, "mask")
     return mask
 
 
@@ -294,7 +288,7 @@ def gaussian_kl(
             keep = (mask != 0).view(*mask.shape, *([1] * (mu.dim() - mask.dim())))
         _checks.check_finite(mu, "mu", keep)
         _checks.check_finite(lv, "logvar", keep)
-    acc = torch.float64 if mu.dtype == torch.float64 else torch.float32
+    acc = _layout.acc_dtype(mu.dtype)
     comps = 1 if J is None else J
     name = dispatch.select(
         "gaussian_kl", mu.device, backend, lambda n: _backends.gkl_reason(n, mu.device, mu.dtype, comps, C)

@@ -264,7 +264,7 @@ def masked_fusion(
         return reference.masked_fusion(features, mask, mode, weights, normalize)
     if mode == "zero_concat":
         return zero_concat(feats, present, stacked, name)
-    acc = torch.float64 if ref.dtype == torch.float64 else torch.float32
+    acc = _layout.acc_dtype(ref.dtype)
     if mode == "anchor_impute":
         return _anchor_impute(feats, stacked, present, weights, acc, name)
     coef = fusion_coefficients(mode, present, weights, normalize, C, acc)

@@ -18,7 +18,8 @@ from torch import Tensor
 
 from .. import _checks, _memory, dispatch, reference
 from . import _backends, _layout
-from .anchor_align import acc_dtype, anchor_coefficients, check_pi, feature_geometry, reduce_per_modality
+from ._layout import acc_dtype
+from .anchor_align import anchor_coefficients, check_pi, feature_geometry, reduce_per_modality
 from .gaussian_kl import check_mixture
 from .masked_fusion import _grad_buffers, _modalities
 
