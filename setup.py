@@ -75,15 +75,26 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["medmap_fast", "medmap_fast.ops", "medmap_fast.nn", "medmap_fast.kernels", "medmap_fast._csrc"],
+    packages=[
+        "medmap_fast",
+        "medmap_fast.ops",
+        "medmap_fast.nn",
+        "medmap_fast.data",
+        "medmap_fast.evaluation",
+        "medmap_fast.kernels",
+        "medmap_fast._csrc",
+    ],
     package_dir={"medmap_fast.kernels": "kernels", "medmap_fast._csrc": "csrc"},
     package_data={"medmap_fast._csrc": ["*.h", "cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.cpp", "cuda/*.h"]},
     include_package_data=False,
     # torch is not pinned: keep whatever torch is installed (>= 2.4 for torch.library.custom_op).
-    install_requires=["torch>=2.4", "numpy", "ninja"],
+    # nibabel reads and writes NIfTI; scipy gives distance transforms (HD95) and smoothing; matplotlib the PNG table.
+    install_requires=["torch>=2.4", "numpy", "ninja", "nibabel>=5", "scipy", "matplotlib"],
     extras_require={
         "triton": ["triton>=3.6"],
-        "test": ["pytest>=7", "pytest-benchmark>=4", "triton>=3.6"],
+        # the ICBM152 2009a template (shipped inside nilearn) gives the synthetic data real anatomy
+        "anatomy": ["nilearn>=0.10"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "triton>=3.6", "nilearn>=0.10"],
     },
     entry_points={"console_scripts": ["medmap-fast=medmap_fast.cli:main"]},
     ext_modules=ext_modules,

@@ -12,6 +12,15 @@ def main(argv=None) -> int:
         "demo": "fused ops vs the naive reference on realistic shapes: errors and speed",
         "info": "versions and the backends this machine can use (compiles the C++ extension if needed)",
         "build-ext": "compile the C++ (and CUDA, when possible) extensions now instead of on first use",
+        "synth": "write a synthetic BraTS-like data set (NIfTI, BraTS folder layout)",
+        "predict": "sliding-window inference of a model on BraTS cases; writes segmentation NIfTI files",
+        "evaluate": "Dice (and HD95) per region over the 15 modality subsets, or of a folder of predictions",
+    }
+    # subcommands with options of their own: module whose main(argv) -> int parses them
+    with_options = {
+        "synth": "medmap_fast.data.synth",
+        "predict": "medmap_fast.evaluation.predict",
+        "evaluate": "medmap_fast.evaluation.evaluate",
     }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         p = argparse.ArgumentParser(prog="medmap-fast", description="medmap_fast command line")
@@ -23,6 +32,10 @@ def main(argv=None) -> int:
         p.print_help()
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
+    if cmd in with_options:
+        import importlib
+
+        return importlib.import_module(with_options[cmd]).main(rest)
     if cmd == "demo":
         from . import demo
 

@@ -1,0 +1,389 @@
+"""``medmap-fast evaluate``: Dice (and HD95) per region over the 15 modality subsets, or of given predictions.
+
+With ``--model``: every case of DATA_ROOT is segmented once per modality subset, the model seeing only
+that subset (the other channels zeroed and masked), and scored against its ``_seg`` label. A subset that
+needs a modality whose file the case lacks is skipped for that case and counted in the "skip" column.
+
+With ``--predictions PRED_DIR``: label files made by any tool are scored. For a case ``<case>``, the
+prediction is ``PRED_DIR/<case>.nii.gz`` (or ``.nii``), ``PRED_DIR/<case>_seg.nii.gz`` (or ``.nii``), or
+the one NIfTI file in ``PRED_DIR/<case>/`` (when that folder holds several, the one named ``<case>`` or
+``<case>_seg``); labels {0, 1, 2, 4}, 3 read as 4, on the case's voxel grid (stored in any voxel
+order). A case without a prediction is an error, or scored as all background with
+``--missing-as-empty``. When PRED_DIR holds folders named after modality subsets ("T1+FLAIR",
+"t1ce,t2", "flairt1cet2", ...), each is scored as that subset's predictions and the table has one row
+per such folder; a case without a prediction in a subset folder is skipped (not an error) when it
+lacks a modality file of that subset.
+
+A case whose files (or prediction) cannot be read is reported and left out of the table; the others
+are scored, and the run ends with exit status 1.
+
+Outputs in OUT: table.txt (also printed), table.csv, table.png (heat map), cases.csv (every case and
+subset), config.json (settings, date, versions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from ..data import (MODALITIES, atomic_write_text, find_cases, load_case, load_segmentation, modalities_on_disk,
+                    save_segmentation)
+from .loading import load_model
+from .metrics import region_scores
+from .pipeline import (CASE_ERRORS, CaseFailures, InferenceSettings, add_model_args, cli_text, mask_names, run_command,
+                       run_info, segment, settings_from_args)
+from .report import build_table, format_table, metric_keys, write_cases_csv, write_heatmap, write_json, write_table_csv
+from .subsets import SUBSETS, Subset, parse_subset
+
+_NIFTI = (".nii.gz", ".nii")
+SINGLE = "predictions"  # the table row of a flat prediction folder (no subset subfolders)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="medmap-fast evaluate",
+        description=cli_text(__doc__),
+        epilog="examples:\n"
+        "  medmap-fast evaluate data/ --model unet.pt --out eval/ --window 128 --hd95\n"
+        "  medmap-fast evaluate data/ --predictions other_tool_output/ --out eval/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("data_root", metavar="DATA_ROOT", help="folder of case folders, each with <case>_seg.nii.gz labels")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the table and per-case results")
+    p.add_argument(
+        "--predictions",
+        metavar="PRED_DIR",
+        default=None,
+        help="score the label files in PRED_DIR instead of running a model",
+    )
+    p.add_argument(
+        "--missing-as-empty",
+        action="store_true",
+        help="with --predictions: score a case that has no prediction as all background instead of failing",
+    )
+    p.add_argument(
+        "--subsets",
+        default="all15",
+        metavar="LIST",
+        help="with --model: ';'-separated subsets to evaluate, e.g. 'FLAIR;T1+T2' (default: all 15)",
+    )
+    p.add_argument("--hd95", action="store_true", help="also report HD95 (mm) per region (slower)")
+    p.add_argument(
+        "--save-predictions",
+        action="store_true",
+        help="with --model: also write OUT/predictions/<subset>/<case>.nii.gz (readable by --predictions)",
+    )
+    add_model_args(p, required=False)
+    return p
+
+
+def _subsets(text: str) -> List[Subset]:
+    if text.strip().lower() in ("all15", "all 15", "15"):
+        return list(SUBSETS)
+    chosen = [parse_subset(t) for t in text.split(";") if t.strip()]
+    if not chosen:
+        raise ValueError(f"--subsets {text!r}: expected ';'-separated subsets such as 'FLAIR;T1+T2', or all15")
+    names = [s.name for s in chosen]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--subsets {text!r}: a subset is listed twice ({names})")
+    order = {s.name: i for i, s in enumerate(SUBSETS)}
+    return sorted(chosen, key=lambda s: order[s.name])
+
+
+def _load_labelled(case_dir: Path):
+    case = load_case(case_dir, allow_missing=True, load_label=True, normalized=True)
+    if case.label is None:
+        raise ValueError(f"case {case.name} ({case_dir}): no label file <case>_seg.nii.gz to score against")
+    return case
+
+
+def _record(case, subset: str, scores: Optional[Dict[str, float]], status: str, keys) -> dict:
+    r = {
+        "case": case.name,
+        "subset": subset,
+        "status": status,
+        "scored": scores is not None,
+        "case_modalities": mask_names(case.present),
+    }
+    r.update({k: (scores[k] if scores is not None else float("nan")) for k in keys})
+    return r
+
+
+def evaluate_model(
+    model,
+    data_root,
+    out_dir,
+    settings: InferenceSettings,
+    subsets: Sequence[Subset] = SUBSETS,
+    with_hd95: bool = False,
+    save_predictions: bool = False,
+    config: Optional[dict] = None,
+    log=print,
+) -> List[dict]:
+    """Run the subset evaluation of ``model`` over the cases under ``data_root``; writes the outputs to
+    ``out_dir`` and returns the table rows (see :func:`medmap_fast.evaluation.report.build_table`).
+
+    A case whose files cannot be read is left out; once the outputs are written, ``CaseFailures``
+    names every such case.
+    """
+    out_dir = Path(out_dir)
+    case_dirs = find_cases(data_root)
+    keys = metric_keys(with_hd95)
+    records, failures = [], []
+    t_start = time.perf_counter()
+    for i, case_dir in enumerate(case_dirs, 1):
+        t0 = time.perf_counter()
+        try:
+            case = _load_labelled(case_dir)
+        except CASE_ERRORS as e:
+            failures.append((case_dir.name, str(e)))
+            log(f"[{i}/{len(case_dirs)}] {case_dir.name}: left out, its files cannot be read")
+            continue
+        done = []
+        for s in subsets:
+            lacking = s.mask & ~case.present
+            if lacking.any():
+                records.append(_record(case, s.name, None, f"skipped: no {mask_names(lacking)} file", keys))
+                continue
+            seg = segment(model, case.image, s.mask, settings)
+            scores = region_scores(seg, case.label, case.spacing, with_hd95)
+            records.append(_record(case, s.name, scores, "scored", keys))
+            done.append(scores["dice_WT"])
+            if save_predictions:
+                save_segmentation(seg, case.geometry, out_dir / "predictions" / s.name / f"{case.name}.nii.gz")
+        skipped = len(subsets) - len(done)
+        log(
+            f"[{i}/{len(case_dirs)}] {case.name}: {len(done)} subsets scored"
+            + (f", {skipped} skipped (no {','.join(case.missing)} file)" if skipped else "")
+            + (f", mean Dice WT {np.mean(done):.3f}" if done else "")
+            + f", {time.perf_counter() - t0:.1f} s"
+        )
+    title = f"Dice per modality subset: {len(case_dirs) - len(failures)} cases"
+    cfg = {
+        "mode": "model",
+        "data_root": str(Path(data_root).resolve()),
+        "cases": len(case_dirs),
+        "subsets": [s.name for s in subsets],
+        "hd95": with_hd95,
+        "inference": settings.as_json(),
+    }
+    cfg.update(config or {})
+    cfg["seconds"] = round(time.perf_counter() - t_start, 2)
+    return _write_outputs(out_dir, records, subsets, with_hd95, title, cfg, log, failures, len(case_dirs))
+
+
+def find_prediction(pred_dir: Path, case: str) -> Optional[Path]:
+    """The prediction file of ``case`` in ``pred_dir`` (see the module doc for what is accepted), or None."""
+    found = [pred_dir / f"{case}{suffix}{ext}" for suffix in ("", "_seg") for ext in _NIFTI]
+    found = [f for f in found if f.is_file()]
+    sub = pred_dir / case
+    if sub.is_dir():
+        inside = sorted(
+            f for f in sub.iterdir() if f.is_file() and not f.name.startswith(".") and f.name.lower().endswith(_NIFTI)
+        )
+        if len(inside) > 1:
+            named = {f"{case}{suffix}{ext}" for suffix in ("", "_seg") for ext in _NIFTI}
+            inside = [f for f in inside if f.name in named] or inside
+        if len(inside) > 1:
+            raise ValueError(
+                f"prediction for case {case}: {sub} holds several NIfTI files "
+                f"({', '.join(f.name for f in inside)}); keep one, or name it {case}.nii.gz"
+            )
+        found += inside
+    if len(found) > 1:
+        raise ValueError(
+            f"prediction for case {case}: several candidate files ({', '.join(map(str, found))}); keep one"
+        )
+    return found[0] if found else None
+
+
+def _entry_case(entry: Path) -> str:
+    name = entry.name
+    for ext in _NIFTI:
+        if name.lower().endswith(ext):
+            name = name[: -len(ext)]
+            break
+    return name.removesuffix("_seg")
+
+
+def prediction_layout(pred_dir: Path) -> Dict[str, Path]:
+    """{subset name: folder} when ``pred_dir`` holds folders named after modality subsets, else {}."""
+    if not pred_dir.is_dir():
+        raise NotADirectoryError(f"--predictions {str(pred_dir)!r}: no such folder")
+    layout: Dict[str, Path] = {}
+    for d in sorted(pred_dir.iterdir()):
+        if not d.is_dir() or d.name.startswith("."):
+            continue
+        try:
+            s = parse_subset(d.name)
+        except ValueError:
+            continue
+        if s.name in layout:
+            raise ValueError(
+                f"--predictions {str(pred_dir)!r}: folders {layout[s.name].name!r} and {d.name!r} "
+                f"both name the subset {s.name}; keep one"
+            )
+        layout[s.name] = d
+    return layout
+
+
+def evaluate_predictions(
+    data_root,
+    pred_dir,
+    out_dir,
+    with_hd95: bool = False,
+    missing_as_empty: bool = False,
+    config: Optional[dict] = None,
+    log=print,
+) -> List[dict]:
+    """Score the predictions in ``pred_dir`` against the labels of the cases under ``data_root``; writes
+    the outputs to ``out_dir`` and returns the table rows. A case whose files or prediction cannot be
+    read is left out, as in :func:`evaluate_model`."""
+    pred_dir, out_dir = Path(pred_dir), Path(out_dir)
+    t_start = time.perf_counter()
+    layout = prediction_layout(pred_dir)
+    if layout:
+        subsets = [s for s in SUBSETS if s.name in layout]
+        folders = [(s, layout[s.name]) for s in subsets]
+        log(f"{pred_dir}: {len(subsets)} subset folders ({', '.join(s.name for s in subsets)})")
+        loose = [f.name for f in pred_dir.iterdir() if f.is_file() and f.name.lower().endswith(_NIFTI)]
+        if loose:
+            log(
+                f"note: {len(loose)} NIfTI file(s) directly in {pred_dir} are not in a subset folder and were not "
+                f"scored: {', '.join(sorted(loose)[:5])}"
+            )
+    else:
+        subsets = [Subset(SINGLE, ())]
+        folders = [(None, pred_dir)]
+    case_dirs = find_cases(data_root)
+    # Every prediction is looked up before any case is read, so that a missing or ambiguous file
+    # stops the run at once rather than after most of the data set has been scored.
+    plan = []
+    for case_dir in case_dirs:
+        on_disk = modalities_on_disk(case_dir)
+        todo = []
+        for s, folder in folders:
+            name = s.name if s is not None else SINGLE
+            path = find_prediction(folder, case_dir.name)
+            if path is None:
+                lacking = s.mask & ~on_disk if s is not None else np.zeros(len(MODALITIES), bool)
+                if lacking.any():
+                    todo.append((name, None, f"skipped: no {mask_names(lacking)} file"))
+                    continue
+                if not missing_as_empty:
+                    raise ValueError(
+                        f"no prediction for case {case_dir.name} in {folder} (looked for {case_dir.name}.nii.gz, "
+                        f"{case_dir.name}_seg.nii.gz, .nii, or one NIfTI file in {case_dir.name}/); "
+                        "pass --missing-as-empty to score missing predictions as all background"
+                    )
+                todo.append((name, None, "scored: no prediction, taken as empty"))
+            else:
+                todo.append((name, path, "scored"))
+        plan.append((case_dir, todo))
+    keys = metric_keys(with_hd95)
+    records, failures = [], []
+    for i, (case_dir, todo) in enumerate(plan, 1):
+        mine = []
+        try:
+            case = _load_labelled(case_dir)
+            for name, path, status in todo:
+                if status.startswith("skipped"):
+                    mine.append(_record(case, name, None, status, keys))
+                    continue
+                seg = load_segmentation(path, case.geometry) if path is not None else np.zeros_like(case.label)
+                mine.append(_record(case, name, region_scores(seg, case.label, case.spacing, with_hd95), status, keys))
+        except CASE_ERRORS as e:
+            # the whole case goes, so that every row of the table covers the same cases
+            failures.append((case_dir.name, str(e)))
+            log(f"[{i}/{len(plan)}] {case_dir.name}: left out, a file cannot be read")
+            continue
+        records += mine
+        log(f"[{i}/{len(plan)}] {case.name}: {sum(p is not None for _, p, _ in todo)} prediction(s) scored")
+    known = {c.name for c in case_dirs}
+    extra = sorted(
+        {
+            _entry_case(f)
+            for _, folder in folders
+            for f in folder.iterdir()
+            if not f.name.startswith(".") and (f.is_dir() or f.name.lower().endswith(_NIFTI))
+        }
+        - known
+    )
+    if extra:
+        log(
+            f"note: {len(extra)} prediction(s) match no case under {data_root} and were not scored: "
+            f"{', '.join(extra[:10])}"
+        )
+    title = (
+        f"Dice per modality subset: {len(case_dirs) - len(failures)} cases, predictions from {pred_dir}"
+        if layout
+        else f"Dice of the predictions in {pred_dir}: {len(case_dirs) - len(failures)} cases"
+    )
+    cfg = {
+        "mode": "predictions",
+        "data_root": str(Path(data_root).resolve()),
+        "predictions": str(pred_dir.resolve()),
+        "cases": len(case_dirs),
+        "subsets": [s.name for s in subsets] if layout else None,
+        "hd95": with_hd95,
+        "missing_as_empty": missing_as_empty,
+    }
+    cfg.update(config or {})
+    cfg["seconds"] = round(time.perf_counter() - t_start, 2)
+    return _write_outputs(out_dir, records, subsets, with_hd95, title, cfg, log, failures, len(case_dirs))
+
+
+def _write_outputs(out_dir: Path, records, subsets, with_hd95, title, cfg, log, failures, total) -> List[dict]:
+    """Write the five outputs; then, if some cases were left out, raise ``CaseFailures`` naming them."""
+    rows = build_table(records, subsets, with_hd95)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = format_table(rows, with_hd95, title)
+    if failures:
+        text += f"left out, files that cannot be read: {', '.join(name for name, _ in failures)}\n"
+    cfg["left_out"] = dict(failures)
+    write_table_csv(out_dir / "table.csv", rows, with_hd95)
+    write_cases_csv(out_dir / "cases.csv", records, with_hd95)
+    write_heatmap(out_dir / "table.png", rows, with_hd95, title)
+    write_json(out_dir / "config.json", cfg | run_info())
+    atomic_write_text(out_dir / "table.txt", text)
+    log(text + f"written to {out_dir}: table.txt, table.csv, table.png, cases.csv, config.json")
+    if failures:
+        raise CaseFailures("scored", failures, total)
+    return rows
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if (args.model is None) == (args.predictions is None):
+        p.error("give exactly one of --model M (run a model over the 15 subsets) or --predictions PRED_DIR")
+    wrong = (
+        [o for o, given in (("--checkpoint", args.checkpoint), ("--save-predictions", args.save_predictions),
+                            ("--subsets", args.subsets != "all15")) if given]
+        if args.predictions is not None
+        else (["--missing-as-empty"] if args.missing_as_empty else [])
+    )
+    if wrong:
+        needs = "--model" if args.predictions is not None else "--predictions"
+        p.error(f"{', '.join(wrong)}: only with {needs}")
+
+    def body():
+        if args.predictions is not None:
+            evaluate_predictions(args.data_root, args.predictions, args.out, args.hd95, args.missing_as_empty)
+            return
+        settings = settings_from_args(args)
+        subsets = _subsets(args.subsets)
+        model = load_model(args.model, args.checkpoint, settings.device)
+        evaluate_model(model, args.data_root, args.out, settings, subsets, args.hd95, args.save_predictions,
+                       config={"model": args.model, "checkpoint": args.checkpoint})
+
+    return run_command("medmap-fast evaluate", body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
