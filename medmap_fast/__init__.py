@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 from . import dispatch, reference  # noqa: E402
 from .dispatch import BackendError  # noqa: E402
-from .ops import anchor_align, gaussian_kl, masked_fusion, moment_matching  # noqa: E402
+from .ops import anchor_align, gaussian_kl, masked_fusion, moment_matching, norm_act  # noqa: E402
 from . import metrics, nn, ops  # noqa: E402
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "anchor_align",
     "gaussian_kl",
     "moment_matching",
+    "norm_act",
     "BackendError",
     "dispatch",
     "reference",

@@ -1,7 +1,7 @@
 """``medmap-fast demo``: the fused ops against the naive reference on realistic shapes.
 
-Prints, for masked fusion (per mode and layout) and for the alignment losses (anchor_align,
-moment_matching, gaussian_kl to a mixture), the largest error against a float64 reference (forward
+Prints, for masked fusion (per mode and layout), the alignment losses (anchor_align,
+moment_matching, gaussian_kl to a mixture) and the fused norm + activation (per layout), the largest error against a float64 reference (forward
 and every gradient) and the forward+backward time of the fused op and of the reference (and, with
 --compile, of torch.compile(reference)), with the achieved bandwidth as a fraction of the measured
 copy bandwidth.
@@ -14,7 +14,7 @@ import argparse
 import torch
 
 from . import _bench, dispatch, reference
-from .ops import anchor_align, gaussian_kl, masked_fusion, moment_matching
+from .ops import anchor_align, gaussian_kl, masked_fusion, moment_matching, norm_act
 from .ops import _backends
 
 
@@ -95,6 +95,7 @@ def main(argv=None):
                 line += f" {t_c * 1e3:10.2f} {t_c / t_fused:9.1f}x"
             print(line, flush=True)
     _alignment(B, M, C, size, device, args, bw, header)
+    _norm_act(B, C, size, device, args, bw, header)
     print("(forward+backward; rel err = max |fused - float64 reference| / max |reference|, worst of the output and all gradients)")
 
 
@@ -149,6 +150,41 @@ def _alignment(B, M, C, size, device, args, bw, header):
         if args.compile:
             comp = torch.compile(naive)
             t_c = _bench.median(_bench.time_call(lambda: run(comp), device, 2, args.repeat))
+            line += f" {t_c * 1e3:10.2f} {t_c / t_fused:9.1f}x"
+        print(line, flush=True)
+
+
+def _norm_act(B, C, size, device, args, bw, header):
+    print(f"\nnorm_act: instance norm + LeakyReLU(0.01), B={B} C={C} {size}^3 float32, x = 100 + 50 randn "
+          "(reference: F.instance_norm + F.leaky_relu)")
+    print(header.replace("mode        ", "op          ", 1))
+    g = torch.Generator().manual_seed(5)
+    w = (1 + 0.1 * torch.randn(C, generator=g)).to(device).requires_grad_()
+    b = (0.1 * torch.randn(C, generator=g)).to(device).requires_grad_()
+    for layout in ("ncdhw", "channels_last"):
+        x = (100 + 50 * torch.randn(B, C, size, size, size, generator=g)).to(device)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        x.requires_grad_()
+        dy = torch.randn(x.shape, generator=g).to(device)
+
+        fused = lambda x_, w_, b_: norm_act(x_, w_, b_, backend=args.backend)  # noqa: E731
+        y = fused(x, w, b)
+        grads = torch.autograd.grad(y, (x, w, b), dy)
+        leaves64 = [t.detach().double().requires_grad_() for t in (x, w, b)]
+        y64 = reference.norm_act(*leaves64)
+        grads64 = torch.autograd.grad(y64, leaves64, dy.double())
+        err = max([_rel_err(y, y64)] + [_rel_err(a, c) for a, c in zip(grads, grads64)])
+        del y, grads, y64, grads64, leaves64
+        step = lambda fn: torch.autograd.grad(fn(x, w, b), (x, w, b), dy)  # noqa: E731
+        t_fused = _bench.median(_bench.time_call(lambda: step(fused), device, 1, args.repeat))
+        t_ref = _bench.median(_bench.time_call(lambda: step(reference.norm_act), device, 1, args.repeat))
+        nbytes = 5 * x.numel() * 4  # floor: x and y forward; x, dy and dx backward
+        line = (f"{'norm_act':12s} {layout:14s} {err:9.2e} {t_fused * 1e3:9.2f} {nbytes / t_fused / 1e9:7.1f} "
+                f"{nbytes / t_fused / bw:7.0%} {t_ref * 1e3:8.2f} {t_ref / t_fused:6.1f}x")
+        if args.compile:
+            comp = torch.compile(reference.norm_act)
+            t_c = _bench.median(_bench.time_call(lambda: step(comp), device, 2, args.repeat))
             line += f" {t_c * 1e3:10.2f} {t_c / t_fused:9.1f}x"
         print(line, flush=True)
 

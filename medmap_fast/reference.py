@@ -292,3 +292,42 @@ def moment_matching(
     present = (mask != 0).unsqueeze(-1)
     per_bk = torch.where(present, per_c, torch.zeros((), dtype=f.dtype, device=f.device)).mean(dim=-1)
     return _reduce_modalities(per_bk, mask, reduction)
+
+
+def norm_act(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    norm: str = "instance",
+    num_groups: Optional[int] = None,
+    activation: Optional[str] = "leaky_relu",
+    negative_slope: float = 0.01,
+    residual: Optional[torch.Tensor] = None,
+    residual_position: str = "before_activation",
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """Normalisation, activation and an optional residual (SPEC section 5), as eager PyTorch runs it.
+
+    ``norm="instance"`` is ``F.instance_norm`` (statistics per sample and channel), ``"group"`` is
+    ``F.group_norm`` with ``num_groups`` groups; both affine when ``weight``/``bias`` are given. The
+    residual is added to the normalised tensor before the activation (ResNet blocks) or, with
+    ``residual_position="after_activation"``, to the activation's output.
+    """
+    F = torch.nn.functional
+    if norm == "instance" and math.prod(x.shape[2:]) > 1:
+        z = F.instance_norm(x, weight=weight, bias=bias, eps=eps)
+    elif norm == "instance":  # F.instance_norm refuses one voxel; the statistics are still defined
+        z = F.group_norm(x, x.shape[1], weight=weight, bias=bias, eps=eps)
+    else:
+        z = F.group_norm(x, num_groups, weight=weight, bias=bias, eps=eps)
+    if residual is not None and residual_position == "before_activation":
+        z = z + residual
+    if activation == "leaky_relu":
+        y = F.leaky_relu(z, negative_slope)
+    elif activation == "relu":
+        y = F.relu(z)
+    else:
+        y = z
+    if residual is not None and residual_position == "after_activation":
+        y = y + residual
+    return y

@@ -6,6 +6,7 @@
 
 #include "alignment_cpu.h"
 #include "masked_fusion_cpu.h"
+#include "norm_act_cpu.h"
 
 TORCH_LIBRARY(medmap_fast_C, m) {
   m.def(
@@ -34,6 +35,15 @@ TORCH_LIBRARY(medmap_fast_C, m) {
       "gkl_bwd(Tensor mu, Tensor logvar, Tensor? present, Tensor nu, Tensor logtau2, "
       "Tensor? resp, Tensor w, Tensor(a!)? grad_mu, Tensor(b!)? grad_logvar, "
       "Tensor(c!)? stats) -> ()");
+  m.def(
+      "norm_act_fwd(Tensor x, Tensor weight, Tensor bias, Tensor? residual, "
+      "Tensor(a!) y, Tensor(b!) mean, Tensor(c!) rstd, int groups, float slope, "
+      "int residual_mode, float eps) -> ()");
+  m.def(
+      "norm_act_bwd(Tensor x, Tensor weight, Tensor bias, Tensor? residual, "
+      "Tensor dy, Tensor mean, Tensor rstd, Tensor(a!) dx, Tensor(b!)? dres, "
+      "Tensor(c!) dweight, Tensor(d!) dbias, int groups, float slope, "
+      "int residual_mode) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(medmap_fast_C, CPU, m) {
@@ -46,4 +56,6 @@ TORCH_LIBRARY_IMPL(medmap_fast_C, CPU, m) {
   m.impl("moments_bwd", &medmap_fast::cpu::moments_bwd);
   m.impl("gkl_fwd", &medmap_fast::cpu::gkl_fwd);
   m.impl("gkl_bwd", &medmap_fast::cpu::gkl_bwd);
+  m.impl("norm_act_fwd", &medmap_fast::cpu::norm_act_fwd);
+  m.impl("norm_act_bwd", &medmap_fast::cpu::norm_act_bwd);
 }

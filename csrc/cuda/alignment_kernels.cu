@@ -36,9 +36,7 @@
 // the same fixed-order kernel as above.
 
 #include "alignment_kernels.h"
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include "device_common.cuh"
 
 #include <climits>
 #include <cmath>
@@ -49,10 +47,6 @@ namespace medmap_fast {
 namespace gpu {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-constexpr int kVecBytes = 16;
-constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kMaxM = kMaxModalities;
 // Channel plan: channels per tile, which bounds the shared reduction buffers
 // (every slot of a moments launch must fit in the 48 KiB static limit).
@@ -64,50 +58,6 @@ constexpr int kKlTabBytes = 32 * 1024;
 constexpr int64_t kKlTargetBlocks = 2048;
 constexpr int64_t kKlMaxPartials = int64_t{1} << 22;
 
-// ---------------------------------------------------------------------------
-// Element types. Half and bfloat16 travel as raw 16-bit words so that the
-// register packs stay trivially copyable.
-
-struct TraitsF32 {
-  using S = float;
-  using A = float;
-  __device__ __forceinline__ static A to_acc(S v) { return v; }
-  __device__ __forceinline__ static S from_acc(A v) { return v; }
-};
-
-struct TraitsF16 {
-  using S = unsigned short;
-  using A = float;
-  __device__ __forceinline__ static A to_acc(S v) { return __half2float(__ushort_as_half(v)); }
-  __device__ __forceinline__ static S from_acc(A v) { return __half_as_ushort(__float2half_rn(v)); }
-};
-
-struct TraitsBF16 {
-  using S = unsigned short;
-  using A = float;
-  __device__ __forceinline__ static A to_acc(S v) {
-    return __bfloat162float(__ushort_as_bfloat16(v));
-  }
-  __device__ __forceinline__ static S from_acc(A v) {
-    return __bfloat16_as_ushort(__float2bfloat16_rn(v));
-  }
-};
-
-struct TraitsF64 {
-  using S = double;
-  using A = double;
-  __device__ __forceinline__ static A to_acc(S v) { return v; }
-  __device__ __forceinline__ static S from_acc(A v) { return v; }
-};
-
-// The anchor is formed with separately rounded multiply and add so that it
-// equals a plain sequential loop on the host (the CPU build disables FMA
-// contraction), keeping the anchor output comparable across backends.
-__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
-__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
-__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
-__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
-
 __device__ __forceinline__ float exp_acc(float v) { return expf(v); }
 __device__ __forceinline__ double exp_acc(double v) { return exp(v); }
 __device__ __forceinline__ float log_acc(float v) { return logf(v); }
@@ -116,15 +66,6 @@ __device__ __forceinline__ double log_acc(double v) { return log(v); }
 template <typename A>
 __device__ __forceinline__ bool is_finite(A v) {
   return v - v == A(0);  // false for inf and NaN
-}
-
-template <typename A>
-__device__ __forceinline__ A warp_sum(A v) {
-  // Butterfly with a fixed pairing; IEEE addition is commutative, so every
-  // lane ends with the same bits.
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
-  return v;
 }
 
 // Elements per thread: 8 for 2- and 4-byte types, 4 for float64, which keeps
@@ -211,12 +152,6 @@ struct Geo {
   __device__ __forceinline__ static int64_t inner(const StridedTensor3& t) {
     return kChan ? t.stride_c : t.stride_s;
   }
-};
-
-template <typename S, int VEC>
-union Pack16 {
-  uint4 raw;
-  S e[VEC];
 };
 
 template <class Tr, int VEC>
@@ -1207,34 +1142,8 @@ __global__ void __launch_bounds__(kThreads) gkl_bwd_kernel(const KlBwdParams p) 
 // ---------------------------------------------------------------------------
 // Host-side planning.
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-int acc_size(DType dtype) { return dtype == DType::kFloat64 ? 8 : 4; }
-
-int element_size(DType dtype) {
-  switch (dtype) {
-    case DType::kFloat16:
-    case DType::kBFloat16:
-      return 2;
-    case DType::kFloat64:
-      return 8;
-    case DType::kFloat32:
-    default:
-      return 4;
-  }
-}
-
-bool valid_dtype(DType dtype) {
-  return dtype == DType::kFloat32 || dtype == DType::kFloat16 || dtype == DType::kBFloat16 ||
-         dtype == DType::kFloat64;
-}
-
 bool valid_shape(const AlignShape& sh) {
   return sh.M >= 1 && sh.M <= kMaxM && sh.B >= 0 && sh.C >= 0 && sh.S >= 0;
-}
-
-unsigned grid_for(int64_t nblocks) {
-  return static_cast<unsigned>(nblocks < INT_MAX ? nblocks : INT_MAX);
 }
 
 // The tensors of one launch; layout and alignment are decided jointly since

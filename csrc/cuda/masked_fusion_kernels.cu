@@ -23,9 +23,7 @@
 // second kernel sums the partials of each output in a fixed order.
 
 #include "masked_fusion_kernels.h"
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include "device_common.cuh"
 
 #include <climits>
 #include <cstddef>
@@ -35,63 +33,18 @@ namespace medmap_fast {
 namespace gpu {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kMaxWarps = kThreads / 32;
-constexpr int kVecBytes = 16;
-constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kMaxWarps = kWarps;
 
-// ---------------------------------------------------------------------------
-// Element types. Half and bfloat16 are carried as raw 16-bit words so that the
-// register packs below stay trivially copyable.
-
-struct TraitsF32 {
-  using Storage = float;
-  using Acc = float;
-  __device__ __forceinline__ static Acc to_acc(Storage v) { return v; }
-  __device__ __forceinline__ static Storage from_acc(Acc v) { return v; }
-};
-
-struct TraitsF16 {
-  using Storage = unsigned short;
-  using Acc = float;
-  __device__ __forceinline__ static Acc to_acc(Storage v) {
-    return __half2float(__ushort_as_half(v));
-  }
-  __device__ __forceinline__ static Storage from_acc(Acc v) {
-    return __half_as_ushort(__float2half_rn(v));
-  }
-};
-
-struct TraitsBF16 {
-  using Storage = unsigned short;
-  using Acc = float;
-  __device__ __forceinline__ static Acc to_acc(Storage v) {
-    return __bfloat162float(__ushort_as_bfloat16(v));
-  }
-  __device__ __forceinline__ static Storage from_acc(Acc v) {
-    return __bfloat16_as_ushort(__float2bfloat16_rn(v));
-  }
-};
-
-struct TraitsF64 {
-  using Storage = double;
-  using Acc = double;
-  __device__ __forceinline__ static Acc to_acc(Storage v) { return v; }
-  __device__ __forceinline__ static Storage from_acc(Acc v) { return v; }
-};
-
-// The forward pass uses explicitly rounded multiply and add so that nvcc does
-// not contract them into FMAs: the result then equals a plain sequential
-// C++ loop on the host, which keeps CPU and CUDA outputs bitwise comparable.
-__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
-__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
-__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
-__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
+// The forward pass uses the explicitly rounded mul_rn / add_rn of
+// device_common.cuh so that nvcc does not contract them into FMAs: the result
+// then equals a plain sequential C++ loop on the host, which keeps CPU and
+// CUDA outputs bitwise comparable.
 __device__ __forceinline__ float fma_rn(float a, float b, float c) { return __fmaf_rn(a, b, c); }
 __device__ __forceinline__ double fma_rn(double a, double b, double c) { return __fma_rn(a, b, c); }
 
 template <typename A>
-__device__ __forceinline__ A warp_sum(A v) {
+__device__ __forceinline__ A warp_sum_rn(A v) {
+  // Like warp_sum, with add_rn so that no addition is ever contracted.
   // Butterfly: every lane ends with the same bits because IEEE addition is
   // commutative, and the pairing is fixed, so the result is reproducible.
 #pragma unroll
@@ -342,8 +295,8 @@ struct FwdParams {
 
 template <class Tr, int kPlan>
 __global__ void __launch_bounds__(kThreads, min_blocks(kPlan)) fuse_sum_fwd_kernel(const FwdParams p) {
-  using S = typename Tr::Storage;
-  using A = typename Tr::Acc;
+  using S = typename Tr::S;
+  using A = typename Tr::A;
   constexpr int VEC = kVecBytes / static_cast<int>(sizeof(S));
   constexpr int UNROLL = unroll_for(static_cast<int>(sizeof(S)));
   constexpr int MB = modality_batch(kPlan);
@@ -413,14 +366,14 @@ struct BwdParams {
   ViewPack gfeat;
   const void* coef;
   const uint8_t* present;
-  void* partial;  // (B, M, C, chunks) of Acc; null when grad_coef is not wanted
+  void* partial;  // (B, M, C, chunks) of Tr::A; null when grad_coef is not wanted
   Tiling g;
 };
 
 template <class Tr, int kPlan>
 __global__ void __launch_bounds__(kThreads, min_blocks(kPlan)) fuse_sum_bwd_kernel(const BwdParams p) {
-  using S = typename Tr::Storage;
-  using A = typename Tr::Acc;
+  using S = typename Tr::S;
+  using A = typename Tr::A;
   constexpr int VEC = kVecBytes / static_cast<int>(sizeof(S));
   constexpr int UNROLL = unroll_for(static_cast<int>(sizeof(S)));
   constexpr bool kChan = kPlan == kChanPlan;
@@ -493,7 +446,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks(kPlan)) fuse_sum_bwd_kern
       if (!dot) continue;
 
       if constexpr (!kChan) {
-        const A s = warp_sum(part[0]);
+        const A s = warp_sum_rn(part[0]);
         if ((tid & 31) == 0) red[k * kMaxWarps + (tid >> 5)] = s;
       } else {
         // Lanes that share a channel group differ in the bits above log2(TX);
@@ -555,7 +508,7 @@ __global__ void __launch_bounds__(kThreads)
     A s = A(0);
     if (on) {
       for (int64_t i = tid; i < chunks; i += kThreads) s = add_rn(s, partial[o * chunks + i]);
-      s = warp_sum(s);
+      s = warp_sum_rn(s);
     }
     if ((tid & 31) == 0) warp_sums[tid >> 5] = s;
     __syncthreads();
@@ -605,28 +558,6 @@ __global__ void __launch_bounds__(kThreads, min_blocks(kPlan)) masked_copy_kerne
 
 // ---------------------------------------------------------------------------
 // Host-side planning.
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-int acc_size(DType dtype) { return dtype == DType::kFloat64 ? 8 : 4; }
-
-int element_size(DType dtype) {
-  switch (dtype) {
-    case DType::kFloat16:
-    case DType::kBFloat16:
-      return 2;
-    case DType::kFloat64:
-      return 8;
-    case DType::kFloat32:
-    default:
-      return 4;
-  }
-}
-
-bool valid_dtype(DType dtype) {
-  return dtype == DType::kFloat32 || dtype == DType::kFloat16 || dtype == DType::kBFloat16 ||
-         dtype == DType::kFloat64;
-}
 
 bool valid_shape(const FusionShape& sh) {
   return sh.M >= 1 && sh.M <= kMaxModalities && sh.B >= 0 && sh.C >= 0 && sh.S >= 0;
@@ -708,10 +639,6 @@ int block_threads(const Tiling& g, Plan plan) {
   return plan == kChanPlan ? kThreads : (1 << g.tx_log2);
 }
 
-unsigned grid_blocks(int64_t nblocks) {
-  return static_cast<unsigned>(nblocks < INT_MAX ? nblocks : INT_MAX);
-}
-
 ViewPack make_pack(const TensorPack& tp, int64_t M, Plan plan) {
   ViewPack vp{};
   for (int64_t k = 0; k < M; ++k) vp.v[k] = make_view(tp.t[k], plan);
@@ -721,7 +648,7 @@ ViewPack make_pack(const TensorPack& tp, int64_t M, Plan plan) {
 template <class Tr>
 cudaError_t fwd_impl(const FusionShape& sh, const TensorPack& feats, const void* coef,
                      const uint8_t* present, const StridedTensor3& out, cudaStream_t stream) {
-  constexpr int elem_bytes = static_cast<int>(sizeof(typename Tr::Storage));
+  constexpr int elem_bytes = static_cast<int>(sizeof(typename Tr::S));
   TensorSet ts;
   for (int64_t k = 0; k < sh.M; ++k) ts.add(feats.t[k]);
   ts.add(out);
@@ -736,7 +663,7 @@ cudaError_t fwd_impl(const FusionShape& sh, const TensorPack& feats, const void*
   p.g.vec = vector_ok(sh, ts, plan, kVecBytes / elem_bytes) ? 1 : 0;
   if (p.g.nblocks == 0) return cudaSuccess;
 
-  const unsigned grid = grid_blocks(p.g.nblocks);
+  const unsigned grid = grid_for(p.g.nblocks);
   const int threads = block_threads(p.g, plan);
   switch (plan) {
     case kRowPlan:
@@ -783,7 +710,7 @@ cudaError_t bwd_impl(const BwdPlan& bp, const FusionShape& sh, const StridedTens
                      const TensorPack& feats, const void* coef, const uint8_t* present,
                      const TensorPack& grad_feats, void* grad_coef, void* workspace,
                      cudaStream_t stream) {
-  using A = typename Tr::Acc;
+  using A = typename Tr::A;
   const Plan plan = bp.plan;
   BwdParams p{};
   p.grad = make_view(grad, plan);
@@ -795,7 +722,7 @@ cudaError_t bwd_impl(const BwdPlan& bp, const FusionShape& sh, const StridedTens
   p.g = bp.g;
 
   if (p.g.nblocks > 0) {
-    const unsigned grid = grid_blocks(p.g.nblocks);
+    const unsigned grid = grid_for(p.g.nblocks);
     const int threads = block_threads(p.g, plan);
     switch (plan) {
       case kRowPlan:
@@ -816,7 +743,7 @@ cudaError_t bwd_impl(const BwdPlan& bp, const FusionShape& sh, const StridedTens
   if (grad_coef != nullptr && n_out > 0) {
     // With no voxels there are no partials; the kernel then writes zeros.
     const int64_t chunks = p.g.nblocks > 0 ? p.g.chunks : 0;
-    reduce_partials_kernel<A><<<grid_blocks(n_out), kThreads, 0, stream>>>(
+    reduce_partials_kernel<A><<<grid_for(n_out), kThreads, 0, stream>>>(
         static_cast<const A*>(workspace), present, static_cast<A*>(grad_coef), n_out, sh.C,
         chunks);
     return cudaGetLastError();
@@ -842,7 +769,7 @@ cudaError_t copy_impl(const FusionShape& sh, const TensorPack& src, const uint8_
   p.g.vec = vector_ok(sh, ts, plan, kVecBytes / elem_bytes) ? 1 : 0;
   if (p.g.nblocks == 0) return cudaSuccess;
 
-  const unsigned grid = grid_blocks(p.g.nblocks);
+  const unsigned grid = grid_for(p.g.nblocks);
   const int threads = block_threads(p.g, plan);
   switch (plan) {
     case kRowPlan:

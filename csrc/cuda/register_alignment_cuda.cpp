@@ -4,23 +4,7 @@
 // register_cuda.cpp owns the TORCH_LIBRARY block of medmap_fast_cuda; this
 // file adds to it.
 
-// CPU-only torch wheels ship the c10/cuda headers but not this generated one,
-// which only carries Windows export settings; skipping it lets this file be
-// syntax-checked against such an install.
-#if defined(__has_include)
-#if !__has_include(<c10/cuda/impl/cuda_cmake_macros.h>) && \
-    !defined(C10_CUDA_NO_CMAKE_CONFIGURE_FILE)
-#define C10_CUDA_NO_CMAKE_CONFIGURE_FILE
-#endif
-#endif
-
-#include <ATen/MemoryOverlap.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#include "torch_glue.h"
 
 #include <cstdint>
 #include <optional>
@@ -33,32 +17,17 @@ namespace {
 
 namespace gpu = medmap_fast::gpu;
 
-std::string indexed(const char* name, size_t i) {
-  return std::string(name) + "[" + std::to_string(i) + "]";
-}
-
-bool given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
-
-gpu::DType feature_dtype(const at::Tensor& t, const std::string& name, const char* op) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return gpu::DType::kFloat32;
-    case at::kHalf:
-      return gpu::DType::kFloat16;
-    case at::kBFloat16:
-      return gpu::DType::kBFloat16;
-    case at::kDouble:
-      return gpu::DType::kFloat64;
-    default:
-      TORCH_CHECK(false, op, ": ", name, " has dtype ", t.scalar_type(),
-                  "; expected float32, float16, bfloat16 or float64");
-  }
-  return gpu::DType::kFloat32;  // unreachable
-}
-
-at::ScalarType acc_dtype_for(at::ScalarType feat) {
-  return feat == at::kDouble ? at::kDouble : at::kFloat;
-}
+using medmap_fast::glue::acc_dtype_for;
+using medmap_fast::glue::current_stream;
+using medmap_fast::glue::describe_input;
+using medmap_fast::glue::describe_inputs;
+using medmap_fast::glue::describe_output;
+using medmap_fast::glue::describe_outputs;
+using medmap_fast::glue::given;
+using medmap_fast::glue::indexed;
+using medmap_fast::glue::kernel_dtype;
+using medmap_fast::glue::workspace;
+using medmap_fast::glue::ws_ptr;
 
 // What every argument of one call is checked against.
 struct Ref {
@@ -73,7 +42,7 @@ Ref reference_from(const at::Tensor& t, const std::string& name, const char* op,
   TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
   TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D ", dims, ", got sizes ",
               t.sizes());
-  feature_dtype(t, name, op);
+  kernel_dtype(t, name, op);
   return Ref{op, t.scalar_type(), t.device()};
 }
 
@@ -133,47 +102,8 @@ void check_modality_count(size_t M, const char* name, const char* op) {
               " modalities");
 }
 
-// Inputs go through const_data_ptr so that copy-on-write storages are not
-// materialised; the launchers never write through input descriptors.
-gpu::StridedTensor3 describe_input(const at::Tensor& t) {
-  return gpu::StridedTensor3{const_cast<void*>(t.const_data_ptr()), t.stride(0), t.stride(1),
-                             t.stride(2)};
-}
-
-gpu::StridedTensor3 describe_output(const at::Tensor& t) {
-  return gpu::StridedTensor3{t.mutable_data_ptr(), t.stride(0), t.stride(1), t.stride(2)};
-}
-
-gpu::TensorPack describe_inputs(at::TensorList ts) {
-  gpu::TensorPack pack{};
-  for (size_t k = 0; k < ts.size(); ++k) pack.t[k] = describe_input(ts[k]);
-  return pack;
-}
-
-gpu::TensorPack describe_outputs(at::TensorList ts) {
-  gpu::TensorPack pack{};
-  for (size_t k = 0; k < ts.size(); ++k) pack.t[k] = describe_output(ts[k]);
-  return pack;
-}
-
 const uint8_t* mask_ptr(const at::Tensor& t) {
   return static_cast<const uint8_t*>(t.const_data_ptr());
-}
-
-// Partial sums live in a caching-allocator buffer on the current stream, so
-// they are reused across calls without synchronisation.
-at::Tensor workspace(size_t bytes, const at::Device& device) {
-  if (bytes == 0) return at::Tensor();
-  return at::empty({static_cast<int64_t>(bytes)},
-                   at::TensorOptions().dtype(at::kByte).device(device));
-}
-
-void* ws_ptr(const at::Tensor& ws) { return ws.defined() ? ws.mutable_data_ptr() : nullptr; }
-
-cudaStream_t current_stream(const at::Device& device) {
-  // Same stream object that at::cuda::getCurrentCUDAStream() returns; the
-  // c10 spelling avoids pulling the cuBLAS/cuSPARSE headers of CUDAContext.h.
-  return c10::cuda::getCurrentCUDAStream(device.index()).stream();
 }
 
 // The features of a call: count, shared device/dtype/sizes.
@@ -220,7 +150,7 @@ void anchor_fwd_cuda(at::TensorList feats, const at::Tensor& coef, const at::Ten
   }
 
   const c10::cuda::CUDAGuard guard(f.ref.device);
-  const gpu::DType dtype = feature_dtype(feats[0], "feats[0]", op);
+  const gpu::DType dtype = kernel_dtype(feats[0], "feats[0]", op);
   const gpu::TensorPack fd = describe_inputs(feats);
   gpu::StridedTensor3 ad{};
   if (want_anchor) ad = describe_output(*anchor);
@@ -247,7 +177,7 @@ void anchor_bwd_cuda(at::TensorList feats, const at::Tensor& coef, const at::Ten
   if (want_coef) check_acc(*grad_coef, "grad_coef", f.ref, {sh.B, f.M, sh.C});
 
   const c10::cuda::CUDAGuard guard(f.ref.device);
-  const gpu::DType dtype = feature_dtype(feats[0], "feats[0]", op);
+  const gpu::DType dtype = kernel_dtype(feats[0], "feats[0]", op);
   const gpu::TensorPack fd = describe_inputs(feats);
   const gpu::TensorPack gd = describe_outputs(grad_feats);
   const size_t bytes = gpu::anchor_bwd_workspace_bytes(dtype, sh, fd, gd, want_coef);
@@ -274,7 +204,7 @@ void moments_fwd_cuda(at::TensorList feats, const std::optional<at::Tensor>& coe
   check_acc(m2, "m2", f.ref, {sh.B, slots, sh.C});
 
   const c10::cuda::CUDAGuard guard(f.ref.device);
-  const gpu::DType dtype = feature_dtype(feats[0], "feats[0]", op);
+  const gpu::DType dtype = kernel_dtype(feats[0], "feats[0]", op);
   const gpu::TensorPack fd = describe_inputs(feats);
   const size_t bytes = gpu::moments_fwd_workspace_bytes(dtype, sh, fd, with_anchor);
   const at::Tensor ws = workspace(bytes, f.ref.device);
@@ -306,7 +236,7 @@ void moments_bwd_cuda(at::TensorList feats, const std::optional<at::Tensor>& coe
   if (want_coef) check_acc(*grad_coef, "grad_coef", f.ref, {sh.B, f.M, sh.C});
 
   const c10::cuda::CUDAGuard guard(f.ref.device);
-  const gpu::DType dtype = feature_dtype(feats[0], "feats[0]", op);
+  const gpu::DType dtype = kernel_dtype(feats[0], "feats[0]", op);
   const gpu::TensorPack fd = describe_inputs(feats);
   const gpu::TensorPack gd = describe_outputs(grad_feats);
   const size_t bytes = gpu::moments_bwd_workspace_bytes(dtype, sh, fd, gd, want_coef);
@@ -360,7 +290,7 @@ void gkl_fwd_cuda(const at::Tensor& mu, const at::Tensor& logvar,
   if (want_resp) check_acc(*resp, "resp", k.ref, {sh.G, sh.R, sh.J});
 
   const c10::cuda::CUDAGuard guard(k.ref.device);
-  const gpu::DType dtype = feature_dtype(mu, "mu", op);
+  const gpu::DType dtype = kernel_dtype(mu, "mu", op);
   const size_t bytes = gpu::gkl_fwd_workspace_bytes(dtype, sh);
   const at::Tensor ws = workspace(bytes, k.ref.device);
   C10_CUDA_CHECK(gpu::launch_gkl_fwd(
@@ -405,7 +335,7 @@ void gkl_bwd_cuda(const at::Tensor& mu, const at::Tensor& logvar,
   if (given(stats)) check_acc(*stats, "stats", k.ref, {3, sh.J, sh.C});
 
   const c10::cuda::CUDAGuard guard(k.ref.device);
-  const gpu::DType dtype = feature_dtype(mu, "mu", op);
+  const gpu::DType dtype = kernel_dtype(mu, "mu", op);
   const size_t bytes = gpu::gkl_bwd_workspace_bytes(dtype, sh, given(stats));
   const at::Tensor ws = workspace(bytes, k.ref.device);
   gpu::StridedTensor3 gmu{};

@@ -2,24 +2,7 @@
 // the medmap_fast_cuda namespace, argument validation, and translation of
 // tensors into the plain descriptors of masked_fusion_kernels.h.
 
-// CPU-only torch wheels ship the c10/cuda headers but not this generated one,
-// which only carries Windows export settings; skipping it lets this file be
-// syntax-checked against such an install. CUDA builds have it and are
-// unaffected.
-#if defined(__has_include)
-#if !__has_include(<c10/cuda/impl/cuda_cmake_macros.h>) && \
-    !defined(C10_CUDA_NO_CMAKE_CONFIGURE_FILE)
-#define C10_CUDA_NO_CMAKE_CONFIGURE_FILE
-#endif
-#endif
-
-#include <ATen/MemoryOverlap.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#include "torch_glue.h"
 
 #include <cstdint>
 #include <optional>
@@ -31,26 +14,13 @@ namespace {
 
 namespace gpu = medmap_fast::gpu;
 
-std::string indexed(const char* name, size_t i) {
-  return std::string(name) + "[" + std::to_string(i) + "]";
-}
-
-gpu::DType feature_dtype(const at::Tensor& t, const std::string& name, const char* op) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return gpu::DType::kFloat32;
-    case at::kHalf:
-      return gpu::DType::kFloat16;
-    case at::kBFloat16:
-      return gpu::DType::kBFloat16;
-    case at::kDouble:
-      return gpu::DType::kFloat64;
-    default:
-      TORCH_CHECK(false, op, ": ", name, " has dtype ", t.scalar_type(),
-                  "; expected float32, float16, bfloat16 or float64");
-  }
-  return gpu::DType::kFloat32;  // unreachable
-}
+using medmap_fast::glue::acc_dtype_for;
+using medmap_fast::glue::describe_input;
+using medmap_fast::glue::describe_inputs;
+using medmap_fast::glue::describe_output;
+using medmap_fast::glue::describe_outputs;
+using medmap_fast::glue::indexed;
+using medmap_fast::glue::kernel_dtype;
 
 // Reference geometry every (B, C, S) argument of one call must match.
 struct Reference {
@@ -66,7 +36,7 @@ Reference reference_from(const at::Tensor& t, const std::string& name, const cha
   TORCH_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
   TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
   TORCH_CHECK(t.dim() == 3, op, ": ", name, " must be 3-D (B, C, S), got sizes ", t.sizes());
-  feature_dtype(t, name, op);
+  kernel_dtype(t, name, op);
   return Reference{op, t.scalar_type(), t.device(), t.size(0), t.size(1), t.size(2)};
 }
 
@@ -90,15 +60,11 @@ void check_writable(const at::Tensor& t, const std::string& name, const char* op
               "written");
 }
 
-at::ScalarType coef_dtype_for(at::ScalarType feat) {
-  return feat == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 void check_coef_like(const at::Tensor& t, const char* name, const Reference& ref, int64_t M) {
   TORCH_CHECK(t.defined(), ref.op, ": ", name, " is an undefined tensor");
   TORCH_CHECK(t.device() == ref.device, ref.op, ": ", name, " is on ", t.device(),
               " but the features are on ", ref.device);
-  const at::ScalarType want = coef_dtype_for(ref.dtype);
+  const at::ScalarType want = acc_dtype_for(ref.dtype);
   TORCH_CHECK(t.scalar_type() == want, ref.op, ": ", name, " has dtype ", t.scalar_type(),
               " but ", want, " is required for ", ref.dtype, " features");
   TORCH_CHECK(t.dim() == 3 && t.size(0) == ref.B && t.size(1) == M && t.size(2) == ref.C, ref.op,
@@ -124,29 +90,6 @@ void check_modality_count(size_t M, const char* name, const char* op) {
               " tensors but at most ", gpu::kMaxModalities, " modalities are supported");
 }
 
-// Inputs go through const_data_ptr so that copy-on-write storages are not
-// materialised; the launchers never write through input descriptors.
-gpu::StridedTensor3 describe_input(const at::Tensor& t) {
-  return gpu::StridedTensor3{const_cast<void*>(t.const_data_ptr()), t.stride(0), t.stride(1),
-                             t.stride(2)};
-}
-
-gpu::StridedTensor3 describe_output(const at::Tensor& t) {
-  return gpu::StridedTensor3{t.mutable_data_ptr(), t.stride(0), t.stride(1), t.stride(2)};
-}
-
-gpu::TensorPack describe_inputs(at::TensorList ts) {
-  gpu::TensorPack pack{};
-  for (size_t k = 0; k < ts.size(); ++k) pack.t[k] = describe_input(ts[k]);
-  return pack;
-}
-
-gpu::TensorPack describe_outputs(at::TensorList ts) {
-  gpu::TensorPack pack{};
-  for (size_t k = 0; k < ts.size(); ++k) pack.t[k] = describe_output(ts[k]);
-  return pack;
-}
-
 const uint8_t* present_ptr(const at::Tensor& present) {
   return static_cast<const uint8_t*>(present.const_data_ptr());
 }
@@ -169,7 +112,7 @@ void fuse_sum_fwd_cuda(at::TensorList feats, const at::Tensor& coef, const at::T
   // Same stream object that at::cuda::getCurrentCUDAStream() returns; the
   // c10 spelling avoids pulling the cuBLAS/cuSPARSE headers of CUDAContext.h.
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(ref.device.index()).stream();
-  C10_CUDA_CHECK(gpu::launch_fuse_sum_fwd(feature_dtype(out, "out", op), shape,
+  C10_CUDA_CHECK(gpu::launch_fuse_sum_fwd(kernel_dtype(out, "out", op), shape,
                                           describe_inputs(feats), coef.const_data_ptr(),
                                           present_ptr(present), describe_output(out), stream));
 }
@@ -200,7 +143,7 @@ void fuse_sum_bwd_cuda(const at::Tensor& grad, at::TensorList feats, const at::T
   const c10::cuda::CUDAGuard guard(ref.device);
   if (ref.B == 0 || ref.C == 0) return;  // every output is empty
   const gpu::FusionShape shape{ref.B, M, ref.C, ref.S};
-  const gpu::DType dtype = feature_dtype(grad, "grad", op);
+  const gpu::DType dtype = kernel_dtype(grad, "grad", op);
   const gpu::StridedTensor3 grad_desc = describe_input(grad);
   const gpu::TensorPack feats_desc = want_coef ? describe_inputs(feats) : gpu::TensorPack{};
   const gpu::TensorPack grad_feats_desc = describe_outputs(grad_feats);
@@ -240,7 +183,7 @@ void masked_copy_cuda(at::TensorList src, const at::Tensor& present, at::TensorL
   if (ref.B == 0 || ref.C == 0 || ref.S == 0) return;
   const gpu::FusionShape shape{ref.B, M, ref.C, ref.S};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(ref.device.index()).stream();
-  C10_CUDA_CHECK(gpu::launch_masked_copy(feature_dtype(src[0], "src[0]", op), shape,
+  C10_CUDA_CHECK(gpu::launch_masked_copy(kernel_dtype(src[0], "src[0]", op), shape,
                                          describe_inputs(src), present_ptr(present),
                                          describe_outputs(dst), stream));
 }
