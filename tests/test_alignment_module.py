@@ -95,15 +95,17 @@ def test_learned_theta_moves_towards_the_better_modalities():
     (g_ref,) = torch.autograd.grad(ref, [th])
     torch.testing.assert_close(g.double(), g_ref, rtol=1e-4, atol=1e-7)
     assert g.abs().max() > 0
+    # A small step against the gradient lowers the loss (a fixed learning rate could overshoot the
+    # minimum for some random features); training then moves theta.
+    with torch.no_grad():
+        module.theta -= 1e-2 * g / g.abs().max()
+        assert module(feats, mask).item() < loss.item()
+        module.theta.copy_(theta0)
     opt = torch.optim.Adam(module.parameters(), lr=0.1)
-    first = None
-    for _ in range(20):
+    for _ in range(5):
         opt.zero_grad()
-        value = module(feats, mask)
-        first = value.item() if first is None else first
-        value.backward()
+        module(feats, mask).backward()
         opt.step()
-    assert module(feats, mask).item() < first
     assert not torch.allclose(module.theta.detach(), theta0)
 
 

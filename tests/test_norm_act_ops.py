@@ -123,7 +123,7 @@ def test_norm_act_matches_reference(backend, dtype, case):
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_odd_volume_large_offset(backend, layout):
-    """C = 30 over a 37 x 41 x 43 volume of 100 + 50 randn, float32: the issue's hard case."""
+    """C = 30 over a 37 x 41 x 43 volume of 100 + 50 randn, float32: odd sizes far from zero."""
     device = require_backend(backend)
     seed = fresh_seed()
     # Triton's CPU interpreter is slow (~1e4 elements/s here): a smaller odd volume there.
