@@ -9,13 +9,6 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#define MEDMAP_FAST_HAVE_SSE2 1
-#else
-#define MEDMAP_FAST_HAVE_SSE2 0
-#endif
-
 #include <ATen/Dispatch.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
@@ -24,9 +17,18 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include "cpu_common.h"
+
 namespace medmap_fast::cpu {
 
 namespace {
+
+// Only the helpers whose logic matches; this file's View carries an at()
+// accessor of its own.
+using common::divup;
+using common::stream_fence;
+using common::unit_c;
+using common::unit_s;
 
 // Work is split into items whose extent depends only on the tensor shape,
 // never on the thread count. An item is always computed by the same code
@@ -59,10 +61,6 @@ static_assert(kSeg % kChunk == 0, "segments must be whole chunks");
 // backward writes M outputs per input and gains the most.
 constexpr int64_t kDefaultStreamMinBytes = int64_t(16) << 20;
 std::atomic<int64_t> g_stream_min_bytes{kDefaultStreamMinBytes};
-
-inline int64_t divup(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
 
 // ---------------------------------------------------------------------------
 // Argument checking
@@ -173,16 +171,6 @@ View<T> out_view(const at::Tensor& t) {
       t.stride(2)};
 }
 
-// A stride along a dimension of extent 1 is never used, so such dimensions
-// count as unit-stride for layout selection.
-bool unit_s(const at::Tensor& t) {
-  return t.size(2) <= 1 || t.stride(2) == 1;
-}
-
-bool unit_c(const at::Tensor& t) {
-  return t.size(1) <= 1 || t.stride(1) == 1;
-}
-
 // ---------------------------------------------------------------------------
 // Conversions between the storage type and the arithmetic type.
 //
@@ -277,7 +265,7 @@ C10_ALWAYS_INLINE c10::Half down<c10::Half, float>(float v) {
 // streamed data is ordered before the task is seen as finished.
 
 bool use_stream(int64_t bytes_written) {
-  return MEDMAP_FAST_HAVE_SSE2 &&
+  return MEDMAP_FAST_CPU_SSE2 &&
       bytes_written >= g_stream_min_bytes.load(std::memory_order_relaxed);
 }
 
@@ -285,16 +273,6 @@ inline bool stream_run(bool stream, const void* p, int64_t nbytes) {
   return stream &&
       (nbytes >= 256 ||
        ((reinterpret_cast<uintptr_t>(p) & 63) == 0 && nbytes % 64 == 0));
-}
-
-inline void stream_fence(bool stream) {
-#if MEDMAP_FAST_HAVE_SSE2
-  if (stream) {
-    _mm_sfence();
-  }
-#else
-  (void)stream;
-#endif
 }
 
 // Elements before the first 16-byte aligned address of y, capped at n.
@@ -308,7 +286,7 @@ inline int64_t head_to_align16(const T* y, int64_t n) {
 }
 
 inline void copy_bytes(void* dst, const void* src, int64_t nbytes, bool stream) {
-#if MEDMAP_FAST_HAVE_SSE2
+#if MEDMAP_FAST_CPU_SSE2
   if (stream_run(stream, dst, nbytes)) {
     char* d = static_cast<char*>(dst);
     const char* s = static_cast<const char*>(src);
@@ -328,7 +306,7 @@ inline void copy_bytes(void* dst, const void* src, int64_t nbytes, bool stream) 
 }
 
 inline void zero_bytes(void* dst, int64_t nbytes, bool stream) {
-#if MEDMAP_FAST_HAVE_SSE2
+#if MEDMAP_FAST_CPU_SSE2
   if (stream_run(stream, dst, nbytes)) {
     char* d = static_cast<char*>(dst);
     const int64_t head = head_to_align16(d, nbytes);
@@ -354,7 +332,7 @@ struct Simd {
   static constexpr bool kEnabled = false;
 };
 
-#if MEDMAP_FAST_HAVE_SSE2
+#if MEDMAP_FAST_CPU_SSE2
 template <>
 struct Simd<float> {
   static constexpr bool kEnabled = true;

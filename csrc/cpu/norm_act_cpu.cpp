@@ -8,13 +8,6 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#define MEDMAP_FAST_NA_SSE2 1
-#else
-#define MEDMAP_FAST_NA_SSE2 0
-#endif
-
 #include <ATen/Dispatch.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
@@ -24,11 +17,14 @@
 #include <c10/util/Half.h>
 
 #include "alignment_simd.h"
+#include "cpu_common.h"
 #include "masked_fusion_cpu.h"
 
 namespace medmap_fast::cpu {
 
 namespace {
+
+using namespace common;
 
 // ---------------------------------------------------------------------------
 // Work decomposition.
@@ -68,26 +64,6 @@ constexpr int64_t kGroupTaskBytes = int64_t(4) << 20;
 // Work per thread below which spreading a loop over threads costs more than
 // it saves.
 constexpr int64_t kGrainElems = 32768;
-
-inline int64_t divup(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
-
-inline int64_t pow2_floor(int64_t x) {
-  int64_t p = 1;
-  while (p * 2 <= x) {
-    p *= 2;
-  }
-  return p;
-}
-
-inline int64_t pow2_ceil(int64_t x) {
-  int64_t p = 1;
-  while (p < x) {
-    p *= 2;
-  }
-  return p;
-}
 
 struct Geo {
   bool cl;
@@ -137,42 +113,6 @@ Geo make_geo(bool cl, int64_t B, int64_t C, int64_t S, int64_t G) {
 
 // ---------------------------------------------------------------------------
 // Argument checks
-
-at::ScalarType acc_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-bool given(const std::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined();
-}
-
-void check_data(
-    const char* op,
-    const char* name,
-    const at::Tensor& t,
-    at::ScalarType dtype,
-    at::IntArrayRef sizes) {
-  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
-  TORCH_CHECK(
-      t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ",
-      t.device());
-  TORCH_CHECK(
-      t.scalar_type() == dtype, op, ": ", name, " must have dtype ", dtype,
-      ", got ", t.scalar_type());
-  TORCH_CHECK(
-      t.sizes() == sizes, op, ": ", name, " must have shape ", sizes,
-      ", got ", t.sizes());
-}
-
-void check_small(
-    const char* op,
-    const char* name,
-    const at::Tensor& t,
-    at::ScalarType dtype,
-    at::IntArrayRef sizes) {
-  check_data(op, name, t, dtype, sizes);
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
-}
 
 // An output must not write one element twice, nor partly alias an input
 // (full aliasing is fine: every element is read before it is written).
@@ -232,35 +172,32 @@ Shape check_x(const char* op, const at::Tensor& x, int64_t groups, int64_t mode)
   return {x.size(0), C, S, groups, dt, acc_dtype(dt)};
 }
 
+// The parameters both directions take, checked in the same order.
+void check_affine(
+    const char* op,
+    const Shape& d,
+    const at::Tensor& x,
+    const at::Tensor& weight,
+    const at::Tensor& bias,
+    const std::optional<at::Tensor>& residual) {
+  check_small(op, "weight", weight, d.acc, {d.C});
+  check_small(op, "bias", bias, d.acc, {d.C});
+  if (given(residual)) {
+    check_tensor(op, "residual", *residual, d.dtype, x.sizes());
+  }
+}
+
+void check_stats(
+    const char* op,
+    const Shape& d,
+    const at::Tensor& mean,
+    const at::Tensor& rstd) {
+  check_small(op, "mean", mean, d.acc, {d.B, d.G});
+  check_small(op, "rstd", rstd, d.acc, {d.B, d.G});
+}
+
 // ---------------------------------------------------------------------------
-// Strided (B, C, S) views
-
-template <typename T>
-struct View {
-  T* p;
-  int64_t sb, sc, ss;
-};
-
-template <typename T>
-View<const T> in_view(const at::Tensor& t) {
-  return {static_cast<const T*>(t.const_data_ptr()), t.stride(0), t.stride(1),
-          t.stride(2)};
-}
-
-template <typename T>
-View<T> out_view(const at::Tensor& t) {
-  return {static_cast<T*>(t.mutable_data_ptr()), t.stride(0), t.stride(1),
-          t.stride(2)};
-}
-
-// Strides along extent-1 dimensions are never used.
-bool unit_s(const at::Tensor& t) {
-  return t.size(2) <= 1 || t.stride(2) == 1;
-}
-
-bool unit_c(const at::Tensor& t) {
-  return t.size(1) <= 1 || t.stride(1) == 1;
-}
+// Tiling choice
 
 // Channels-last tiling when every tensor has unit channel stride and not all
 // of them have unit voxel stride; NCS (with strided gathers where needed)
@@ -813,27 +750,45 @@ void fold(const Geo& g, A* lane) {
 // ---------------------------------------------------------------------------
 // Moving chunks between the tensors and contiguous accumulation-type arrays.
 
-template <typename A, typename T>
-void load_run(const T* __restrict__ s, int64_t n, A* __restrict__ d, bool vec) {
-  if constexpr (std::is_same_v<T, A>) {
-    std::memcpy(d, s, n * sizeof(A));
-    return;
-  }
+// Converts n elements between the storage and the accumulation type, with
+// the AVX2 (F16C for float16) conversions where the vector path is on.
+template <typename From, typename To>
+void convert_run(const From* __restrict__ s, int64_t n, To* __restrict__ d, bool vec) {
 #if MEDMAP_FAST_HAVE_AVX2_PATH
-  if constexpr (std::is_same_v<A, float> && std::is_same_v<T, c10::Half>) {
+  if constexpr (std::is_same_v<From, c10::Half> && std::is_same_v<To, float>) {
     if (vec && f16c_available()) {
       return half_to_float_avx2(s, n, d);
     }
   }
-  if constexpr (std::is_same_v<A, float> && std::is_same_v<T, c10::BFloat16>) {
+  if constexpr (std::is_same_v<From, c10::BFloat16> && std::is_same_v<To, float>) {
     if (vec) {
       return bf16_to_float_avx2(s, n, d);
+    }
+  }
+  if constexpr (std::is_same_v<From, float> && std::is_same_v<To, c10::Half>) {
+    if (vec && f16c_available()) {
+      return float_to_half_avx2(s, n, d);
+    }
+  }
+  if constexpr (std::is_same_v<From, float> && std::is_same_v<To, c10::BFloat16>) {
+    if (vec) {
+      return float_to_bf16_avx2(s, n, d);
     }
   }
 #endif
   (void)vec;
   for (int64_t i = 0; i < n; ++i) {
-    d[i] = static_cast<A>(s[i]);
+    d[i] = static_cast<To>(s[i]);
+  }
+}
+
+template <typename A, typename T>
+void load_run(const T* __restrict__ s, int64_t n, A* __restrict__ d, bool vec) {
+  if constexpr (std::is_same_v<T, A>) {
+    (void)vec;
+    std::memcpy(d, s, n * sizeof(A));
+  } else {
+    convert_run(s, n, d, vec);
   }
 }
 
@@ -841,67 +796,19 @@ void load_run(const T* __restrict__ s, int64_t n, A* __restrict__ d, bool vec) {
 // first reads the line it overwrites. Only float32/float64 results are
 // streamed (the values are the same either way).
 bool use_stream(at::ScalarType dt, int64_t bytes) {
-  return MEDMAP_FAST_NA_SSE2 && (dt == at::kFloat || dt == at::kDouble) &&
+  return MEDMAP_FAST_CPU_SSE2 && (dt == at::kFloat || dt == at::kDouble) &&
       bytes >= nontemporal_min_bytes();
-}
-
-inline void stream_fence(bool stream) {
-#if MEDMAP_FAST_NA_SSE2
-  if (stream) {
-    _mm_sfence();
-  }
-#else
-  (void)stream;
-#endif
 }
 
 template <typename T, typename A>
 void store_run(T* __restrict__ d, const A* __restrict__ s, int64_t n, bool vec, bool stream) {
   if constexpr (std::is_same_v<T, A>) {
-#if MEDMAP_FAST_NA_SSE2
-    const uintptr_t mis = reinterpret_cast<uintptr_t>(d) & 15;
-    if (stream && n * int64_t(sizeof(T)) >= 256 && mis % sizeof(T) == 0) {
-      constexpr int64_t w = 16 / sizeof(T);
-      const int64_t head = std::min<int64_t>(n, ((16 - mis) & 15) / sizeof(T));
-      int64_t i = 0;
-      for (; i < head; ++i) {
-        d[i] = s[i];
-      }
-      for (; i + w <= n; i += w) {
-        if constexpr (std::is_same_v<T, float>) {
-          _mm_stream_ps(d + i, _mm_loadu_ps(s + i));
-        } else {
-          _mm_stream_pd(d + i, _mm_loadu_pd(s + i));
-        }
-      }
-      for (; i < n; ++i) {
-        d[i] = s[i];
-      }
-      return;
-    }
-#endif
     (void)vec;
-    (void)stream;
-    std::memcpy(d, s, n * sizeof(T));
+    copy_run(d, s, n, stream);
     return;
   } else {
     (void)stream;
-#if MEDMAP_FAST_HAVE_AVX2_PATH
-    if constexpr (std::is_same_v<A, float> && std::is_same_v<T, c10::Half>) {
-      if (vec && f16c_available()) {
-        return float_to_half_avx2(s, n, d);
-      }
-    }
-    if constexpr (std::is_same_v<A, float> && std::is_same_v<T, c10::BFloat16>) {
-      if (vec) {
-        return float_to_bf16_avx2(s, n, d);
-      }
-    }
-#endif
-    (void)vec;
-    for (int64_t i = 0; i < n; ++i) {
-      d[i] = static_cast<T>(s[i]);
-    }
+    convert_run(s, n, d, vec);
   }
 }
 
@@ -1117,38 +1024,107 @@ void two_pass(
   chunks(second);
 }
 
+bool vector_path(at::ScalarType dt) {
+  return dt != at::kDouble && simd::avx2_available();
+}
+
+// ---------------------------------------------------------------------------
+// State shared by the forward and the backward
+
+// Per-thread coefficients of z = (x - mu) * a + b, expanded over the lanes of
+// one (b, c) (NCS) or one sample (channels-last).
+template <typename A>
+struct ZCoefs {
+  A *mu, *a, *b;
+  int64_t key = -1;  // coefficients in mu/a/b: of b*C + c (NCS) or b
+};
+
+template <typename T>
+struct NormActBase {
+  using A = at::opmath_type<T>;
+  Geo g;
+  View<const T> x, res;
+  const A* w;
+  const A* bias;
+  A slope;
+  bool vec = false;
+  bool stream = false;
+  bool staged = false;  // outputs are computed in scratch first (see sink)
+
+  int64_t key_of(int64_t b, int64_t c) const {
+    return g.cl ? b : b * g.C + c;
+  }
+
+  // One code path for both directions: the backward must reproduce the
+  // forward's z bit for bit, so that act' is evaluated on the same side of
+  // zero.
+  void coefs(ZCoefs<A>& t, const A* mean, const A* rstd, int64_t b, int64_t c) const {
+    const int64_t key = key_of(b, c);
+    if (key == t.key) {
+      return;
+    }
+    t.key = key;
+    const A* mb = mean + b * g.G;
+    const A* rb = rstd + b * g.G;
+    const int64_t cg = g.cg;
+    expand(g, c, t.mu, [&](int64_t cc) { return mb[cc / cg]; });
+    expand(g, c, t.a, [&](int64_t cc) {
+      return static_cast<A>(
+          static_cast<double>(rb[cc / cg]) * static_cast<double>(w[cc]));
+    });
+    expand(g, c, t.b, [&](int64_t cc) { return bias[cc]; });
+  }
+
+  // Fills the fields set the same way in both directions.
+  void init(
+      bool cl,
+      const Shape& d,
+      const at::Tensor& x_t,
+      const std::optional<at::Tensor>& residual,
+      const at::Tensor& weight,
+      const at::Tensor& bias_t,
+      double slope_v) {
+    g = make_geo(cl, d.B, d.C, d.S, d.G);
+    x = in_view<T>(x_t);
+    res = given(residual) ? in_view<T>(*residual) : x;
+    w = weight.const_data_ptr<A>();
+    bias = bias_t.const_data_ptr<A>();
+    slope = static_cast<A>(slope_v);
+    vec = vector_path(d.dtype);
+  }
+};
+
 // ---------------------------------------------------------------------------
 // Forward
 
 template <typename T>
-struct Fwd {
-  using A = at::opmath_type<T>;
-  Geo g;
-  View<const T> x, res;
+struct Fwd : NormActBase<T> {
+  using Base = NormActBase<T>;
+  using typename Base::A;
+  using Base::g;
+  using Base::x;
+  using Base::res;
+  using Base::slope;
+  using Base::vec;
+  using Base::stream;
+  using Base::staged;
   View<T> y;
-  const A* w;
-  const A* bias;
   A* mean;
   A* rstd;
   int64_t mode;
-  A slope;
   double eps;
-  bool vec = false;
-  bool stream = false;
-  bool staged = false;  // y is computed in scratch first (see sink)
   std::vector<double> pmean, pm2;
 
-  struct Local {
-    A *bx, *br, *by, *lane, *mu, *a, *b;
-    int64_t key = -1;  // coefficients in mu/a/b: of b*C + c (NCS) or b
+  struct Local : ZCoefs<A> {
+    A *bx, *br, *by, *lane;
     Local(Scratch<A>& sc, const Geo& g) {
       bx = sc.take(g.maxn);
       br = sc.take(g.maxn);
       by = sc.take(g.maxn);
       lane = sc.take(g.L);
-      mu = sc.take(g.L);
-      a = sc.take(g.L);
-      b = sc.take(g.L);
+      this->mu = sc.take(g.L);
+      this->a = sc.take(g.L);
+      this->b = sc.take(g.L);
     }
     static int64_t need(const Geo& g) {
       return 3 * Scratch<A>::round(g.maxn) + 4 * Scratch<A>::round(g.L);
@@ -1208,25 +1184,8 @@ struct Fwd {
     rstd[b * g.G + grp] = static_cast<A>(1.0 / std::sqrt(m2 / N + eps));
   }
 
-  void coefs(Local& t, int64_t b, int64_t c) {
-    const int64_t key = g.cl ? b : b * g.C + c;
-    if (key == t.key) {
-      return;
-    }
-    t.key = key;
-    const A* mb = mean + b * g.G;
-    const A* rb = rstd + b * g.G;
-    const int64_t cg = g.cg;
-    expand(g, c, t.mu, [&](int64_t cc) { return mb[cc / cg]; });
-    expand(g, c, t.a, [&](int64_t cc) {
-      return static_cast<A>(
-          static_cast<double>(rb[cc / cg]) * static_cast<double>(w[cc]));
-    });
-    expand(g, c, t.b, [&](int64_t cc) { return bias[cc]; });
-  }
-
   void output(Local& t, int64_t b, int64_t c, int64_t j) {
-    coefs(t, b, c);
+    this->coefs(t, mean, rstd, b, c);
     const int64_t s0 = j * g.step;
     const int64_t nv = g.voxels(j);
     const int64_t n = nv * g.P;
@@ -1264,27 +1223,29 @@ struct Fwd {
 // Backward
 
 template <typename T>
-struct Bwd {
-  using A = at::opmath_type<T>;
-  Geo g;
-  View<const T> x, res, dy;
+struct Bwd : NormActBase<T> {
+  using Base = NormActBase<T>;
+  using typename Base::A;
+  using Base::g;
+  using Base::x;
+  using Base::res;
+  using Base::w;
+  using Base::slope;
+  using Base::vec;
+  using Base::stream;
+  using Base::staged;
+  using Base::key_of;
+  View<const T> dy;
   View<T> dx, dres;
-  const A* w;
-  const A* bias;
   const A* mean;
   const A* rstd;
   bool res_in, want_dres;
-  A slope;
-  bool vec = false;
-  bool stream = false;
-  bool staged = false;  // dx and dres are computed in scratch first (see sink)
   std::vector<double> pg, pgd;  // per chunk slot: sums of g and g * (x - mean)
   std::vector<double> tg, tgd;  // the same per (b, c)
   std::vector<A> k1, k2, k3;    // per (b, c): dx = g * k1 + (x - mean) * k2 + k3
 
-  struct Local {
-    A *bx, *br, *bdy, *bo, *bq, *lg, *lgd, *mu, *a, *b, *k1, *k2, *k3;
-    int64_t key = -1;   // coefficients in mu/a/b
+  struct Local : ZCoefs<A> {
+    A *bx, *br, *bdy, *bo, *bq, *lg, *lgd, *k1, *k2, *k3;
     int64_t kkey = -1;  // coefficients in k1/k2/k3
     Local(Scratch<A>& sc, const Geo& g) {
       bx = sc.take(g.maxn);
@@ -1294,9 +1255,9 @@ struct Bwd {
       bq = sc.take(g.maxn);
       lg = sc.take(g.L);
       lgd = sc.take(g.L);
-      mu = sc.take(g.L);
-      a = sc.take(g.L);
-      b = sc.take(g.L);
+      this->mu = sc.take(g.L);
+      this->a = sc.take(g.L);
+      this->b = sc.take(g.L);
       k1 = sc.take(g.L);
       k2 = sc.take(g.L);
       k3 = sc.take(g.L);
@@ -1306,31 +1267,8 @@ struct Bwd {
     }
   };
 
-  int64_t key_of(int64_t b, int64_t c) const {
-    return g.cl ? b : b * g.C + c;
-  }
-
-  void coefs(Local& t, int64_t b, int64_t c) {
-    const int64_t key = key_of(b, c);
-    if (key == t.key) {
-      return;
-    }
-    t.key = key;
-    const A* mb = mean + b * g.G;
-    const A* rb = rstd + b * g.G;
-    const int64_t cg = g.cg;
-    // Must match the forward's z bit for bit, so that act' is evaluated on
-    // the same side of zero.
-    expand(g, c, t.mu, [&](int64_t cc) { return mb[cc / cg]; });
-    expand(g, c, t.a, [&](int64_t cc) {
-      return static_cast<A>(
-          static_cast<double>(rb[cc / cg]) * static_cast<double>(w[cc]));
-    });
-    expand(g, c, t.b, [&](int64_t cc) { return bias[cc]; });
-  }
-
   void sums(Local& t, int64_t b, int64_t c, int64_t j) {
-    coefs(t, b, c);
+    this->coefs(t, mean, rstd, b, c);
     const int64_t s0 = j * g.step;
     const int64_t nv = g.voxels(j);
     const int64_t n = nv * g.P;
@@ -1414,7 +1352,7 @@ struct Bwd {
   }
 
   void output(Local& t, int64_t b, int64_t c, int64_t j) {
-    coefs(t, b, c);
+    this->coefs(t, mean, rstd, b, c);
     kcoefs(t, b, c);
     if (!res_in) {
       output_as<false, false>(t, b, c, j);
@@ -1454,10 +1392,6 @@ struct Bwd {
   }
 };
 
-bool vector_path(at::ScalarType dt) {
-  return dt != at::kDouble && simd::avx2_available();
-}
-
 } // namespace
 
 // ---------------------------------------------------------------------------
@@ -1482,14 +1416,9 @@ void norm_act_fwd(
       has_res == (residual_mode != 0), op, ": residual must be ",
       residual_mode != 0 ? "given when residual_mode is 1 or 2"
                          : "None when residual_mode is 0");
-  check_small(op, "weight", weight, d.acc, {d.C});
-  check_small(op, "bias", bias, d.acc, {d.C});
-  if (has_res) {
-    check_data(op, "residual", *residual, d.dtype, x.sizes());
-  }
-  check_data(op, "y", y, d.dtype, x.sizes());
-  check_small(op, "mean", mean, d.acc, {d.B, d.G});
-  check_small(op, "rstd", rstd, d.acc, {d.B, d.G});
+  check_affine(op, d, x, weight, bias, residual);
+  check_tensor(op, "y", y, d.dtype, x.sizes());
+  check_stats(op, d, mean, rstd);
   if (d.B == 0) {
     return;
   }
@@ -1499,18 +1428,12 @@ void norm_act_fwd(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, d.dtype, op, [&] {
     using A = at::opmath_type<scalar_t>;
     Fwd<scalar_t> f;
-    f.g = make_geo(cl, d.B, d.C, d.S, d.G);
-    f.x = in_view<scalar_t>(x);
-    f.res = has_res ? in_view<scalar_t>(*residual) : f.x;
+    f.init(cl, d, x, residual, weight, bias, slope);
     f.y = out_view<scalar_t>(y);
-    f.w = weight.const_data_ptr<A>();
-    f.bias = bias.const_data_ptr<A>();
     f.mean = mean.mutable_data_ptr<A>();
     f.rstd = rstd.mutable_data_ptr<A>();
     f.mode = residual_mode;
-    f.slope = static_cast<A>(slope);
     f.eps = eps;
-    f.vec = vector_path(d.dtype);
     f.stream = use_stream(d.dtype, y.numel() * y.element_size());
     f.staged = f.stream || overlaps_any(y, {&x, has_res ? &*residual : nullptr});
     f.run();
@@ -1543,17 +1466,12 @@ void norm_act_bwd(
   TORCH_CHECK(
       !want_dres || residual_mode == 1, op,
       ": dres must be None unless residual_mode is 1");
-  check_small(op, "weight", weight, d.acc, {d.C});
-  check_small(op, "bias", bias, d.acc, {d.C});
-  if (has_res) {
-    check_data(op, "residual", *residual, d.dtype, x.sizes());
-  }
-  check_data(op, "dy", dy, d.dtype, x.sizes());
-  check_small(op, "mean", mean, d.acc, {d.B, d.G});
-  check_small(op, "rstd", rstd, d.acc, {d.B, d.G});
-  check_data(op, "dx", dx, d.dtype, x.sizes());
+  check_affine(op, d, x, weight, bias, residual);
+  check_tensor(op, "dy", dy, d.dtype, x.sizes());
+  check_stats(op, d, mean, rstd);
+  check_tensor(op, "dx", dx, d.dtype, x.sizes());
   if (want_dres) {
-    check_data(op, "dres", *dres, d.dtype, x.sizes());
+    check_tensor(op, "dres", *dres, d.dtype, x.sizes());
   }
   check_small(op, "dweight", dweight, d.acc, {d.C});
   check_small(op, "dbias", dbias, d.acc, {d.C});
@@ -1577,20 +1495,14 @@ void norm_act_bwd(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, d.dtype, op, [&] {
     using A = at::opmath_type<scalar_t>;
     Bwd<scalar_t> k;
-    k.g = make_geo(cl, d.B, d.C, d.S, d.G);
-    k.x = in_view<scalar_t>(x);
-    k.res = has_res ? in_view<scalar_t>(*residual) : k.x;
+    k.init(cl, d, x, residual, weight, bias, slope);
     k.dy = in_view<scalar_t>(dy);
     k.dx = out_view<scalar_t>(dx);
     k.dres = want_dres ? out_view<scalar_t>(*dres) : k.dx;
-    k.w = weight.const_data_ptr<A>();
-    k.bias = bias.const_data_ptr<A>();
     k.mean = mean.const_data_ptr<A>();
     k.rstd = rstd.const_data_ptr<A>();
     k.res_in = has_res;
     k.want_dres = want_dres;
-    k.slope = static_cast<A>(slope);
-    k.vec = vector_path(d.dtype);
     k.stream = use_stream(
         d.dtype, dx.numel() * dx.element_size() * (want_dres ? 2 : 1));
     k.staged = k.stream || overlaps_any(dx, {&x, &dy, res_p}) ||

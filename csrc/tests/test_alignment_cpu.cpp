@@ -22,41 +22,17 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
+#include "test_common.h"
 #include "../cpu/alignment_cpu.h"
 
 namespace al = medmap_fast::cpu;
 
 namespace {
 
-int g_passed = 0;
-int g_failed = 0;
-
-void check(bool ok, const std::string& what) {
-  if (ok) {
-    ++g_passed;
-  } else {
-    ++g_failed;
-    std::printf("FAIL: %s\n", what.c_str());
-  }
-}
-
-const double kNaN = std::numeric_limits<double>::quiet_NaN();
-
-at::ScalarType acc_of(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
+using namespace medmap_fast::test;
 
 double tol_of(at::ScalarType t) {
-  switch (t) {
-    case at::kDouble:
-      return 1e-10;
-    case at::kFloat:
-      return 2e-5;
-    case at::kHalf:
-      return 2e-3;
-    default:
-      return 1.6e-2;
-  }
+  return medmap_fast::test::tol_of(t, 2e-5);
 }
 
 // |got - want| <= tol * (|want| + scale), NaN only where want is NaN.
@@ -69,53 +45,6 @@ bool close(const at::Tensor& got, const at::Tensor& want, double tol, double sca
   const at::Tensor err = (g - w).abs();
   const at::Tensor ok = (err <= tol * (w.abs() + scale + 1)) | (g.isnan() & w.isnan());
   return ok.all().item<bool>();
-}
-
-bool bitwise_equal(const at::Tensor& a, const at::Tensor& b) {
-  const at::Tensor ca = a.contiguous();
-  const at::Tensor cb = b.contiguous();
-  return a.sizes() == b.sizes() &&
-      std::memcmp(ca.const_data_ptr(), cb.const_data_ptr(), ca.numel() * ca.element_size()) == 0;
-}
-
-enum Layout { kNcs, kCl, kNcsSlice, kClSlice, kStepS, kNumLayouts };
-const char* layout_name(int l) {
-  static const char* n[] = {"ncs", "cl", "ncs-slice", "cl-slice", "step-s"};
-  return n[l];
-}
-
-// A (B, C, S) view with the given layout holding the values of x.
-at::Tensor with_layout(const at::Tensor& x, int l) {
-  const int64_t B = x.size(0), C = x.size(1), S = x.size(2);
-  const auto o = x.options();
-  switch (l) {
-    case kNcs:
-      return x.clone();
-    case kCl:
-      return x.permute({0, 2, 1}).contiguous().permute({0, 2, 1});
-    case kNcsSlice: {
-      at::Tensor base = at::full({B, C + 3, S}, kNaN, o);
-      at::Tensor v = base.narrow(1, 1, C);
-      v.copy_(x);
-      return v;
-    }
-    case kClSlice: {
-      at::Tensor base = at::full({B, S, C + 3}, kNaN, o);
-      at::Tensor v = base.narrow(2, 2, C).permute({0, 2, 1});
-      v.copy_(x);
-      return v;
-    }
-    default: {
-      at::Tensor base = at::full({B, C, 2 * S}, kNaN, o);
-      at::Tensor v = base.slice(2, 0, 2 * S, 2);
-      v.copy_(x);
-      return v;
-    }
-  }
-}
-
-at::Tensor nan_like_layout(int64_t B, int64_t C, int64_t S, at::ScalarType dt, int l) {
-  return with_layout(at::full({B, C, S}, kNaN, at::TensorOptions().dtype(dt)), l);
 }
 
 // ---------------------------------------------------------------------------
@@ -203,7 +132,7 @@ void test_anchor(const FeatCase& fc) {
 
   auto fwd = [&] {
     at::Tensor sq = at::full({fc.B, fc.M, fc.C}, kNaN, acc);
-    at::Tensor an = nan_like_layout(fc.B, fc.C, fc.S, fc.dt, fc.layout);
+    at::Tensor an = nan_out(fc.B, fc.C, fc.S, fc.dt, fc.layout);
     al::anchor_fwd(fc.feats, fc.coef, fc.present, sq, an);
     return std::vector<at::Tensor>{sq, an};
   };
@@ -217,7 +146,7 @@ void test_anchor(const FeatCase& fc) {
     auto bwd = [&] {
       std::vector<at::Tensor> gf;
       for (int64_t k = 0; k < fc.M; ++k) {
-        gf.push_back(nan_like_layout(fc.B, fc.C, fc.S, fc.dt, fc.layout));
+        gf.push_back(nan_out(fc.B, fc.C, fc.S, fc.dt, fc.layout));
       }
       at::Tensor gc = at::full({fc.B, fc.M, fc.C}, kNaN, acc);
       al::anchor_bwd(fc.feats, fc.coef, fc.present, G, detach, gf, gc);
@@ -274,7 +203,7 @@ void test_moments(const FeatCase& fc, bool with_coef) {
   auto bwd = [&] {
     std::vector<at::Tensor> gf;
     for (int64_t k = 0; k < fc.M; ++k) {
-      gf.push_back(nan_like_layout(fc.B, fc.C, fc.S, fc.dt, fc.layout));
+      gf.push_back(nan_out(fc.B, fc.C, fc.S, fc.dt, fc.layout));
     }
     std::optional<at::Tensor> gc;
     if (with_coef) {
@@ -465,6 +394,5 @@ int main() {
     check((mean == 0).all().item<bool>() && (m2 == 0).all().item<bool>(), "moments_fwd S = 0 gives zeros");
   }
   test_errors();
-  std::printf("%d passed, %d failed\n", g_passed, g_failed);
-  return g_failed == 0 ? 0 : 1;
+  return medmap_fast::test::results().report();
 }

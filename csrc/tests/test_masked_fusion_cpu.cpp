@@ -22,25 +22,14 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
+#include "test_common.h"
 #include "../cpu/masked_fusion_cpu.h"
 
 namespace mf = medmap_fast::cpu;
 
 namespace {
 
-struct Results {
-  int passed = 0;
-  int failed = 0;
-
-  void check(bool ok, const std::string& what) {
-    if (ok) {
-      ++passed;
-    } else {
-      ++failed;
-      std::printf("FAIL: %s\n", what.c_str());
-    }
-  }
-};
+using medmap_fast::test::Results;
 
 // ---------------------------------------------------------------------------
 // Layouts of a (B, C, S) tensor. Each is a view into a base allocation that
@@ -783,6 +772,5 @@ int main() {
     }
   }
 
-  std::printf("%d passed, %d failed\n", res.passed, res.failed);
-  return res.failed == 0 ? 0 : 1;
+  return res.report();
 }

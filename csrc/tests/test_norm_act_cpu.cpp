@@ -23,6 +23,7 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
+#include "test_common.h"
 #include "../cpu/masked_fusion_cpu.h"
 #include "../cpu/norm_act_cpu.h"
 
@@ -30,37 +31,12 @@ namespace na = medmap_fast::cpu;
 
 namespace {
 
-int g_passed = 0;
-int g_failed = 0;
-
-void check(bool ok, const std::string& what) {
-  if (ok) {
-    ++g_passed;
-  } else {
-    ++g_failed;
-    std::printf("FAIL: %s\n", what.c_str());
-  }
-}
-
-const double kNaN = std::numeric_limits<double>::quiet_NaN();
-
-at::ScalarType acc_of(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
+using namespace medmap_fast::test;
 
 // Error allowed relative to the scale of a result: the storage rounding of
 // the output plus float32 arithmetic on well-conditioned sums.
 double tol_of(at::ScalarType t) {
-  switch (t) {
-    case at::kDouble:
-      return 1e-10;
-    case at::kFloat:
-      return 1e-4;
-    case at::kHalf:
-      return 2e-3;
-    default:
-      return 1.6e-2;
-  }
+  return medmap_fast::test::tol_of(t, 1e-4);
 }
 
 std::vector<double> values(const at::Tensor& t) {
@@ -89,13 +65,6 @@ bool close(const at::Tensor& got, const std::vector<double>& want, double tol, d
     }
   }
   return true;
-}
-
-bool bitwise_equal(const at::Tensor& a, const at::Tensor& b) {
-  const at::Tensor ca = a.contiguous();
-  const at::Tensor cb = b.contiguous();
-  return a.sizes() == b.sizes() &&
-      std::memcmp(ca.const_data_ptr(), cb.const_data_ptr(), ca.numel() * ca.element_size()) == 0;
 }
 
 // ---------------------------------------------------------------------------
@@ -195,47 +164,6 @@ void ref_bwd(
       }
     }
   }
-}
-
-// ---------------------------------------------------------------------------
-// Layouts
-
-enum Layout { kNcs, kCl, kNcsSlice, kClSlice, kStepS, kNumLayouts };
-const char* layout_name(int l) {
-  static const char* n[] = {"ncs", "cl", "ncs-slice", "cl-slice", "step-s"};
-  return n[l];
-}
-
-// A (B, C, S) view with the given layout holding the values of x; the
-// padding around views holds NaN so that a stray read shows.
-at::Tensor with_layout(const at::Tensor& x, int l) {
-  const int64_t B = x.size(0), C = x.size(1), S = x.size(2);
-  const auto o = x.options();
-  switch (l) {
-    case kNcs:
-      return x.clone();
-    case kCl:
-      return x.permute({0, 2, 1}).contiguous().permute({0, 2, 1});
-    case kNcsSlice: {
-      at::Tensor v = at::full({B, C + 3, S}, kNaN, o).narrow(1, 1, C);
-      v.copy_(x);
-      return v;
-    }
-    case kClSlice: {
-      at::Tensor v = at::full({B, S, C + 3}, kNaN, o).narrow(2, 2, C).permute({0, 2, 1});
-      v.copy_(x);
-      return v;
-    }
-    default: {
-      at::Tensor v = at::full({B, C, 2 * S}, kNaN, o).slice(2, 0, 2 * S, 2);
-      v.copy_(x);
-      return v;
-    }
-  }
-}
-
-at::Tensor nan_out(int64_t B, int64_t C, int64_t S, at::ScalarType dt, int l) {
-  return with_layout(at::full({B, C, S}, kNaN, at::TensorOptions().dtype(dt)), l);
 }
 
 struct Case {
@@ -527,6 +455,5 @@ int main() {
   }
 
   test_errors();
-  std::printf("%d passed, %d failed\n", g_passed, g_failed);
-  return g_failed == 0 ? 0 : 1;
+  return medmap_fast::test::results().report();
 }
