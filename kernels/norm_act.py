@@ -1,8 +1,8 @@
 """Triton kernels for normalisation + activation (+ residual) (SPEC section 5).
 
 The contract is csrc/cpu/norm_act_cpu.h. x is a (B, C, S) view; a group holds C / G consecutive
-channels of one sample. Four launches per direction would be wasteful only if the statistics needed
-a pass of their own over a large tensor; they do need one, so the work is:
+channels of one sample. The statistics need a full read of x before anything can be normalised, so
+each direction is two passes over the data with tiny (B, C)-sized torch work between them:
 
 * forward: per-(sample, channel) moments with the moment-matching kernel (one read of x; per-tile
   two-pass moments merged with Chan's formula, accurate for data far from zero), merged into group
