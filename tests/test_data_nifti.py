@@ -5,7 +5,9 @@ orientation and dtype; reading must give the RAS+ array back exactly, and a segm
 ``save_segmentation`` must land voxel for voxel where the case's own seg file has it.
 """
 
+import errno
 import gzip
+import os
 import pickle
 
 import nibabel as nib
@@ -454,3 +456,48 @@ def test_duplicate_files(tmp_path):
     _save(_truth()[0]["t1"], _ras_affine(), tmp_path / "c" / "case_t1.nii")
     with pytest.raises(ValueError, match=r"case_t1\.nii and case_t1\.nii\.gz"):
         load_case(tmp_path / "c")
+
+
+# -- failures while writing a segmentation name the destination and the cause -----------------------------
+
+
+@pytest.fixture
+def geometry(tmp_path):
+    write_case(tmp_path / "c")
+    return load_case(tmp_path / "c").geometry
+
+
+def _failing_save(code):
+    def save(img, filename):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+        raise OSError(code, os.strerror(code), filename)  # as the OS names it: the temporary file
+
+    return save
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES])
+def test_write_failure_names_the_destination(tmp_path, geometry, monkeypatch, code):
+    from medmap_fast.data.atomic import WriteError
+
+    monkeypatch.setattr(nib, "save", _failing_save(code))
+    dest = tmp_path / "pred" / "c.nii.gz"
+    with pytest.raises(WriteError) as e:
+        save_segmentation(np.zeros(SHAPE, np.uint8), geometry, dest)
+    assert str(e.value) == f"cannot write {dest}: {os.strerror(code)}"
+    assert isinstance(e.value, OSError) and e.value.errno == code and e.value.filename == str(dest)
+    assert isinstance(e.value.__cause__, OSError) and ".tmp" in e.value.__cause__.filename
+    assert list((tmp_path / "pred").iterdir()) == []  # the half-written temporary is gone
+
+
+def test_a_file_where_a_folder_should_be(tmp_path, geometry):
+    (tmp_path / "pred").write_text("a file")
+    for dest in (tmp_path / "pred" / "c.nii.gz", tmp_path / "pred" / "sub" / "c.nii.gz"):
+        with pytest.raises(OSError) as e:
+            save_segmentation(np.zeros(SHAPE, np.uint8), geometry, dest)
+        assert str(e.value) == f"cannot write {dest}: {tmp_path / 'pred'} is a file, not a folder"
+        assert e.value.__cause__ is not None
+    (tmp_path / "dir.nii.gz").mkdir()
+    with pytest.raises(OSError, match=rf"^cannot write {tmp_path / 'dir.nii.gz'}: it is a folder$"):
+        save_segmentation(np.zeros(SHAPE, np.uint8), geometry, tmp_path / "dir.nii.gz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "dir.nii.gz", "pred"]

@@ -182,3 +182,92 @@ def test_cli_help(capsys):
     for word in ("medmap-fast synth", "--cases", "--seed", "--shape", "--anatomy", "--missing-prob", "--overwrite",
                  "SYNTHETIC", "ICBM152"):
         assert word in text
+
+
+# -- the data set on disk is the old one or the new one ----------------------------------------------------
+
+SMALL = ["--cases", "2", "--shape", "24", "24", "24", "--anatomy", "geometric", "-q"]
+
+
+def _synth_killed_after_the_first_case(out, tmp_path, *options):
+    from test_outputs_atomic import kill_when_paused
+
+    return kill_when_paused(f"""
+        from medmap_fast.data import synth
+        write_case = synth._write_case
+        def write_then_pause(*args):
+            write_case(*args)
+            pause()
+        synth._write_case = write_then_pause
+        synth.main({[str(out), *SMALL, *options]!r})
+        """, tmp_path / "child")
+
+
+def test_overwrite_killed_midway_leaves_the_old_data_set(tmp_path, capsys):
+    from test_outputs_atomic import snapshot
+
+    out = tmp_path / "synth"
+    assert cli.main(["synth", str(out), *SMALL, "--seed", "1"]) == 0
+    before = snapshot(out)
+    pid = _synth_killed_after_the_first_case(out, tmp_path, "--seed", "2", "--overwrite")
+    assert snapshot(out) == before  # every old file as it was, and nothing new among them
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert leftovers and all(f".synth.{pid}." in name for name in leftovers)
+    assert cli.main(["synth", str(out), *SMALL, "--seed", "1"]) == 1  # still there, still protected
+    assert "--overwrite" in capsys.readouterr().err
+    assert cli.main(["synth", str(out), *SMALL, "--seed", "2", "--overwrite"]) == 0
+    assert not [p for p in tmp_path.rglob(".*")]  # the killed run's leftovers are gone
+    assert json.loads((out / "dataset.json").read_text())["seed"] == 2 and snapshot(out) != before
+    assert len(find_cases(out)) == 2
+
+
+def test_a_first_run_killed_midway_leaves_nothing(tmp_path):
+    out = tmp_path / "synth"
+    _synth_killed_after_the_first_case(out, tmp_path)
+    assert not out.exists()  # no half data set for a reader to find
+    assert cli.main(["synth", str(out), *SMALL]) == 0  # not mistaken for an earlier data set
+    assert len(find_cases(out)) == 2 and not [p for p in tmp_path.rglob(".*")]
+
+
+def test_output_folder_is_checked_before_any_case_is_made(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert cli.main(["synth", str(tmp_path / "file"), *SMALL]) == 1
+    assert f"OUT '{tmp_path / 'file'}': is a file, not a folder" in capsys.readouterr().err
+    assert cli.main(["synth", str(tmp_path / "file" / "d"), *SMALL]) == 1
+    assert f"cannot be created: {tmp_path / 'file'} is a file, not a folder" in capsys.readouterr().err
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("a user's file")
+    for overwrite in ([], ["--overwrite"]):
+        assert cli.main(["synth", str(mine), *SMALL, *overwrite]) == 1
+        err = capsys.readouterr().err
+        assert f"OUT '{mine}': holds notes.txt, not written by synth" in err and "new or empty folder" in err
+    assert (mine / "notes.txt").read_text() == "a user's file" and len(list(mine.iterdir())) == 1
+    with pytest.raises(synth.OutputPathError, match=r"^out '.*file': is a file"):
+        synth.write_synthetic_dataset(tmp_path / "file", 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "mine"]
+
+
+def test_an_empty_folder_and_a_link_to_a_folder(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli.main(["synth", str(empty), *SMALL]) == 0 and len(find_cases(empty)) == 2
+    (tmp_path / "link").symlink_to(empty)
+    assert cli.main(["synth", str(tmp_path / "link"), *SMALL, "--overwrite", "--seed", "3"]) == 0
+    # the data set behind the link is replaced; the link stays a link
+    assert (tmp_path / "link").is_symlink() and json.loads((empty / "dataset.json").read_text())["seed"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "link"]
+
+
+def test_write_errors_name_the_files_place_in_out(tmp_path, monkeypatch):
+    import errno
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(synth.nib, "save", full)
+    with pytest.raises(OSError) as e:
+        synth.write_synthetic_dataset(tmp_path / "d", 1, shape=(24, 24, 24), anatomy="geometric")
+    where = tmp_path / "d" / "SynthBraTS_00001" / "SynthBraTS_00001_t1.nii.gz"
+    assert str(e.value) == f"cannot write {where}: No space left on device" and e.value.errno == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == []

@@ -7,9 +7,12 @@ computed here from the labels alone.
 """
 
 import csv
+import errno
 import json
+import os
 import shutil
 import textwrap
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -440,3 +443,229 @@ class _Classes(nn.Module):
 
     def forward(self, x, mask):
         return self.net(x)
+
+
+# -- output locations are checked first; the output set is replaced whole -----------------------------------
+
+
+def _no_progress(stdout):
+    return "[1/" not in stdout  # no case was read, let alone segmented
+
+
+def test_output_locations_are_checked_before_any_work(data, model_file, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    model = ["--model", str(model_file), "--window", "32", "--output", "regions"]
+    for command, extra in (("evaluate", model), ("evaluate", ["--predictions", str(tmp_path)]), ("predict", model)):
+        rc, stdout, err = run([command, str(data), "--out", str(tmp_path / "file"), *extra], capsys)
+        assert rc == 1 and f"--out '{tmp_path / 'file'}': is a file, not a folder" in err and _no_progress(stdout)
+        rc, stdout, err = run([command, str(data), "--out", str(tmp_path / "file" / "sub"), *extra], capsys)
+        assert rc == 1 and f"cannot be created: {tmp_path / 'file'} is a file, not a folder" in err
+        assert _no_progress(stdout)
+    out = tmp_path / "e"
+    (out / "predictions").mkdir(parents=True)
+    (out / "predictions" / "case_a.nii.gz").mkdir()
+    rc, stdout, err = run(["predict", str(data), "--out", str(out / "predictions"), *model], capsys)
+    assert rc == 1 and "case_a.nii.gz is a folder, but the segmentation of case case_a is written" in err
+    assert _no_progress(stdout)
+    shutil.rmtree(out / "predictions")
+    (out / "predictions").write_text("not a folder")
+    rc, stdout, err = run(["evaluate", str(data), "--out", str(out), "--save-predictions", *model], capsys)
+    assert rc == 1 and f"--save-predictions: {out / 'predictions'} is a file" in err and _no_progress(stdout)
+    (out / "table.png").mkdir()
+    rc, stdout, err = run(["evaluate", str(data), "--out", str(out), *model], capsys)
+    assert rc == 1 and f"--out '{out}': {out / 'table.png'} is a folder" in err and _no_progress(stdout)
+    assert sorted(p.name for p in out.iterdir()) == ["predictions", "table.png"]
+
+
+def test_library_functions_check_their_output_folder_first(data, tmp_path):
+    from medmap_fast.data.atomic import OutputPathError
+    from medmap_fast.evaluation.evaluate import evaluate_model, evaluate_predictions
+    from medmap_fast.evaluation.pipeline import InferenceSettings
+    from medmap_fast.evaluation.predict import predict_cases
+
+    def model(x, mask):
+        raise AssertionError("inference ran before the output folder was checked")
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputPathError, match="^out_dir '.*file': is a file"):
+        evaluate_model(model, data, tmp_path / "file", InferenceSettings(window=(32, 32, 32)))
+    with pytest.raises(OutputPathError, match="^out_dir '.*file': is a file"):
+        predict_cases(model, [data / "case_a"], tmp_path / "file", InferenceSettings(window=(32, 32, 32)))
+    with pytest.raises(OutputPathError, match="^out_dir '.*sub': cannot be created"):
+        evaluate_predictions(data, tmp_path, tmp_path / "file" / "sub")
+
+
+def test_read_only_output_folder(data, model_file, tmp_path, capsys, monkeypatch):
+    statvfs = os.statvfs
+
+    class ReadOnly:
+        def __init__(self, path):
+            self.f_flag = statvfs(path).f_flag | os.ST_RDONLY
+
+    monkeypatch.setattr(os, "statvfs", lambda path: ReadOnly(path) if Path(path) == tmp_path else statvfs(path))
+    rc, stdout, err = run(["evaluate", str(data), "--model", str(model_file), "--out", str(tmp_path / "e")], capsys)
+    assert rc == 1 and f"--out '{tmp_path / 'e'}': cannot be created: {tmp_path} is not writable" in err
+    assert "read-only file system" in err and _no_progress(stdout)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="file permissions do not stop root")
+def test_output_folder_without_write_permission(data, model_file, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        rc, stdout, err = run(["predict", str(data), "--model", str(model_file), "--out", str(locked)], capsys)
+        assert rc == 1 and f"--out '{locked}': is not writable (permission denied)" in err and _no_progress(stdout)
+    finally:
+        locked.chmod(0o755)
+
+
+def _evaluate_killed(data, out, tmp_path, hook, *options):
+    """``evaluate --predictions`` in a new process, paused and killed where ``hook`` (Python code run in the
+    child before the command) makes it pause."""
+    from test_outputs_atomic import kill_when_paused
+
+    argv = ["evaluate", str(data), "--out", str(out), *options]
+    return kill_when_paused(hook + f"\nfrom medmap_fast import cli\ncli.main({argv!r})\n", tmp_path / "child")
+
+
+# pauses once the first file of the new set (table.csv) is written
+_AFTER_FIRST_FILE = """
+from medmap_fast.evaluation import evaluate
+write_table_csv = evaluate.write_table_csv
+def write_then_pause(*args, **kwargs):
+    write_table_csv(*args, **kwargs)
+    pause()
+evaluate.write_table_csv = write_then_pause
+"""
+
+
+def _visible(folder):
+    from test_outputs_atomic import snapshot
+
+    return {k: v for k, v in snapshot(folder).items() if not any(part.startswith(".") for part in Path(k).parts)}
+
+
+def test_evaluate_killed_while_writing_leaves_the_old_set(data, tmp_path, capsys):
+    pred = tmp_path / "pred"
+    _labels_as_predictions(data, pred)
+    out = tmp_path / "eval"
+    rc, _, err = run(["evaluate", str(data), "--predictions", str(pred), "--out", str(out)], capsys)
+    assert rc == 0, err
+    (out / "notes.txt").write_text("a user's notes")
+    before = _visible(out)
+    assert json.loads(before["config.json"])["outputs"] == ["table.txt", "table.csv", "table.png", "cases.csv",
+                                                            "config.json"]
+    pid = _evaluate_killed(data, out, tmp_path, _AFTER_FIRST_FILE, "--predictions", str(pred), "--hd95")
+    assert _visible(out) == before  # the whole old set, untouched
+    leftovers = [p.name for p in out.iterdir() if p.name.startswith(".")]
+    assert leftovers and all(f".{pid}." in name for name in leftovers)
+    rc, _, err = run(["evaluate", str(data), "--predictions", str(pred), "--out", str(out), "--hd95"], capsys)
+    assert rc == 0, err
+    assert not [p for p in tmp_path.rglob(".*")]  # the killed run's leftovers are gone
+    assert "hd95_WT" in read_csv(out / "table.csv")[0] and json.loads((out / "config.json").read_text())["hd95"]
+    assert (out / "notes.txt").read_text() == "a user's notes"
+
+
+def test_evaluate_killed_before_its_first_set_leaves_no_folder(data, tmp_path, capsys):
+    pred = tmp_path / "pred"
+    _labels_as_predictions(data, pred)
+    out = tmp_path / "eval"
+    _evaluate_killed(data, out, tmp_path, _AFTER_FIRST_FILE, "--predictions", str(pred))
+    assert not out.exists() and [p for p in tmp_path.iterdir() if p.name.startswith(".eval.")]
+    rc, _, err = run(["evaluate", str(data), "--predictions", str(pred), "--out", str(out)], capsys)
+    assert rc == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["cases.csv", "config.json", "table.csv", "table.png", "table.txt"]
+    assert not [p for p in tmp_path.rglob(".*")]
+
+
+def test_evaluate_killed_while_moving_the_set_in_leaves_it_marked_incomplete(data, tmp_path, capsys):
+    pred = tmp_path / "pred"
+    _labels_as_predictions(data, pred)
+    out = tmp_path / "eval"
+    rc, _, err = run(["evaluate", str(data), "--predictions", str(pred), "--out", str(out)], capsys)
+    assert rc == 0, err
+    hook = f"""
+import os
+replace = os.replace
+def replace_then_pause(src, dst):
+    replace(src, dst)
+    if Path(dst).parent == Path({str(out)!r}):
+        pause()
+os.replace = replace_then_pause
+"""
+    _evaluate_killed(data, out, tmp_path, hook, "--predictions", str(pred), "--hd95")
+    # config.json goes first and comes back last: without it, a reader knows the set is incomplete
+    assert not (out / "config.json").exists() and (out / "table.csv").exists()
+    rc, _, err = run(["evaluate", str(data), "--predictions", str(pred), "--out", str(out), "--hd95"], capsys)
+    assert rc == 0, err
+    assert json.loads((out / "config.json").read_text())["hd95"] and not [p for p in tmp_path.rglob(".*")]
+
+
+def test_saved_predictions_are_part_of_the_set(data, model_file, tmp_path, capsys):
+    out = tmp_path / "eval"
+    options = ["--model", str(model_file), "--window", "32", "--output", "regions", "--device", "cpu"]
+    rc, _, err = run(["evaluate", str(data), "--out", str(out), "--subsets", "FLAIR", "--save-predictions",
+                      *options], capsys)
+    assert rc == 0, err
+    assert json.loads((out / "config.json").read_text())["outputs"][-1] == "predictions/"
+    before = _visible(out)
+    hook = """
+from medmap_fast.evaluation import evaluate
+save_segmentation = evaluate.save_segmentation
+def save_then_pause(*args):
+    save_segmentation(*args)
+    pause()
+evaluate.save_segmentation = save_then_pause
+"""
+    _evaluate_killed(data, out, tmp_path, hook, "--subsets", "T1ce", "--save-predictions", *options)
+    assert _visible(out) == before  # the old predictions and table, and none of the new predictions
+    rc, _, err = run(["evaluate", str(data), "--out", str(out), "--subsets", "T1ce", "--save-predictions",
+                      *options], capsys)
+    assert rc == 0, err
+    # the predictions folder is replaced as a whole: no FLAIR predictions beside the T1ce table
+    assert [p.name for p in (out / "predictions").iterdir()] == ["T1ce"]
+    assert not [p for p in tmp_path.rglob(".*")]
+    # a run that does not save predictions leaves the saved ones alone, and its config.json says they are not its own
+    rc, _, err = run(["evaluate", str(data), "--out", str(out), "--subsets", "T2", *options], capsys)
+    assert rc == 0, err
+    assert (out / "predictions" / "T1ce").is_dir() and read_csv(out / "table.csv")[0]["subset"] == "T2"
+    assert "predictions/" not in json.loads((out / "config.json").read_text())["outputs"]
+
+
+def test_write_failures_name_the_files_place_in_out(data, model_file, tmp_path, capsys, monkeypatch):
+    def full(img, filename):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+
+    monkeypatch.setattr(nib, "save", full)
+    options = ["--model", str(model_file), "--window", "32", "--output", "regions"]
+    rc, _, err = run(["predict", str(data / "case_a"), "--out", str(tmp_path / "p"), *options], capsys)
+    assert rc == 1 and f"cannot write {tmp_path / 'p' / 'case_a.nii.gz'}: No space left on device" in err
+    out = tmp_path / "e"
+    rc, _, err = run(["evaluate", str(data), "--out", str(out), "--subsets", "FLAIR", "--save-predictions",
+                      *options], capsys)
+    where = out / "predictions" / "FLAIR" / "case_a.nii.gz"
+    assert rc == 1 and f"cannot write {where}: No space left on device" in err and ".tmp" not in err
+    assert not out.exists() and not [p for p in tmp_path.rglob(".*")]
+
+
+def test_predict_killed_while_writing_a_file(data, model_file, tmp_path, capsys):
+    from test_outputs_atomic import kill_when_paused
+
+    out = tmp_path / "pred"
+    argv = ["predict", str(data / "case_a"), "--out", str(out), "--model", str(model_file), "--window", "32",
+            "--output", "regions"]
+    pid = kill_when_paused(f"""
+        import nibabel
+        save = nibabel.save
+        def save_then_pause(img, filename):
+            save(img, filename)
+            pause()
+        nibabel.save = save_then_pause
+        from medmap_fast import cli
+        cli.main({argv!r})
+        """, tmp_path / "child")
+    assert [p.name for p in out.iterdir() if not p.name.startswith(f".case_a.nii.gz.{pid}.")] == []
+    assert list(out.iterdir())  # the killed run's hidden temporary
+    predict_case_a(data, model_file, out, capsys, "--window", "32")
+    assert [p.name for p in out.iterdir()] == ["case_a.nii.gz"]

@@ -298,7 +298,12 @@ def from_canonical(array: np.ndarray, geometry: Geometry) -> np.ndarray:
 
 def save_segmentation(seg: np.ndarray, geometry: Geometry, path: PathLike) -> Path:
     """Write canonical labels (X, Y, Z) in {0, 1, 2, 4} to ``path`` (.nii or .nii.gz) in the case's original
-    orientation, affine and header, as uint8 without scaling. The file appears whole or not at all."""
+    orientation, affine and header, as uint8 without scaling. The file appears whole or not at all.
+
+    Missing folders on the way are made. A failure to write (full disk, read-only file system, no
+    permission, a file where a folder should be) raises :class:`~medmap_fast.data.atomic.WriteError`, an
+    OSError whose message names ``path`` and the cause, with the underlying error as ``__cause__``.
+    """
     path = Path(path)
     if not (path.name.endswith(".nii") or path.name.endswith(".nii.gz")):
         raise ValueError(f"save_segmentation: {path} must end in .nii or .nii.gz")

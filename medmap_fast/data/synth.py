@@ -23,7 +23,6 @@ import functools
 import importlib.util
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -34,9 +33,10 @@ import numpy as np
 from nibabel import orientations as nio
 from scipy import ndimage
 
-from .atomic import atomic_dir, atomic_write_text
+from .atomic import (OutputPathError, atomic_dir, atomic_write_text, check_output_dir, is_temporary,
+                     remove_stale_temporaries, write_error)
 from .labels import MODALITIES
-from .nifti import find_cases, voxel_sizes
+from .nifti import voxel_sizes
 
 GENERATOR_VERSION = "1.0"
 PREFIX = "SynthBraTS"
@@ -424,8 +424,14 @@ def write_synthetic_dataset(
     per case, some cases with thicker slices. anatomy: 'template' (ICBM152 from nilearn), 'geometric',
     or 'auto'. missing_prob: probability that a case lacks one modality file. orientation: 'mixed'
     (LPS, RAS and some odd ones, drawn per case) or axis codes such as 'LPS' for every case.
-    Case i depends only on (seed, i): the same seed gives the same files. Each case folder appears whole
-    (written in a hidden temporary folder, then renamed).
+    Case i depends only on (seed, i): the same seed gives the same files.
+
+    The data set is written whole into a hidden temporary folder beside ``out``, which then takes the
+    place of ``out``: a reader sees the old data set or the new one, never a mix, and a run that is
+    killed leaves the old one (or no ``out``) as it was; the next run removes its hidden leftovers. So
+    ``out`` must be new, empty, or hold an earlier synthetic data set (and then ``overwrite``) and
+    nothing else: an ``OutputPathError`` otherwise, raised before anything is generated, as it is for
+    a path that cannot be a writable folder.
     """
     if isinstance(cases, bool) or not isinstance(cases, (int, np.integer)) or cases < 1:
         raise ValueError(f"cases must be a positive int, got {cases!r}")
@@ -437,22 +443,63 @@ def write_synthetic_dataset(
     if spacing is not None and not float(spacing) > 0:
         raise ValueError(f"spacing must be positive (mm), got {spacing}")
     orientation = _check_orientation(orientation)
-    out = Path(out)
+    target = check_out(out, overwrite)
     names = [f"{PREFIX}_{first_index + i:05d}" for i in range(cases)]
-    existing = sorted(p for p in out.glob(f"{PREFIX}_*") if p.is_dir()) if out.is_dir() else []
-    if (existing or (out / "dataset.json").exists()) and not overwrite:
-        raise FileExistsError(
-            f"{out} already holds a synthetic data set ({len(existing)} {PREFIX}_* folders); "
-            "pass overwrite=True (--overwrite) to replace it"
-        )
     spacing_mm = FIELD_OF_VIEW_MM / max(shape) if spacing is None else float(spacing)
     anat = resolve_anatomy(anatomy, spacing_mm)
-    out.mkdir(parents=True, exist_ok=True)
-    for old in existing:
-        if old.name not in names:
-            shutil.rmtree(old)
-    records, paths = [], []
     t0 = time.perf_counter()
+    with atomic_dir(target, replace=True) as tmp:
+        records = _write_cases(tmp, Path(out), names, seed, first_index, anat, shape, spacing_mm, orientation,
+                               missing_prob, verbose)
+        meta = _metadata(records, seed, anat, anatomy, shape, spacing_mm, missing_prob, orientation)
+        try:
+            atomic_write_text(tmp / "dataset.json", json.dumps(meta, indent=2) + "\n")
+        except OSError as e:
+            raise write_error(Path(out) / "dataset.json", e) from (e.__cause__ or e)
+    if verbose:
+        print(f"wrote {cases} cases to {out} in {time.perf_counter() - t0:.1f} s ({anat.source})")
+    return [Path(out) / name for name in names]
+
+
+def check_out(out, overwrite: bool = False, argument: str = "out") -> Path:
+    """The folder that a data set for ``out`` is written to (``out`` itself, or what the link ``out``
+    points to), after the checks that :func:`write_synthetic_dataset` describes; the leftovers of an
+    interrupted run are removed first. argument: how the caller names ``out`` (``"OUT"`` on the command
+    line), for the messages."""
+    check_output_dir(out, argument, replaced=True)
+    # the data set replaces the folder itself: a link to a folder keeps pointing at it
+    target = Path(os.path.realpath(out))
+    remove_stale_temporaries(target.parent, target.name)
+    if not target.exists():
+        return target
+    if os.path.ismount(target):
+        raise OutputPathError(
+            f"{argument} {str(out)!r}: is a mount point, which cannot be replaced by a new folder; "
+            f"expected a folder inside it, such as {Path(out) / 'synth'}"
+        )
+    entries = [e for e in os.listdir(target) if not is_temporary(e)]
+    ours = [e for e in entries if e == "dataset.json" or (e.startswith(PREFIX + "_") and (target / e).is_dir())]
+    foreign = sorted(set(entries) - set(ours))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise OutputPathError(
+            f"{argument} {str(out)!r}: holds {shown}, not written by synth; the data set replaces the whole "
+            "folder, so expected a new or empty folder or an earlier synthetic data set: choose another folder"
+        )
+    if ours and not overwrite:
+        cases = sum(e != "dataset.json" for e in ours)
+        raise FileExistsError(
+            f"{out} already holds a synthetic data set ({cases} {PREFIX}_* folders); "
+            "pass overwrite=True (--overwrite) to replace it"
+        )
+    return target
+
+
+def _write_cases(folder: Path, out: Path, names, seed, first_index, anat, shape, spacing_mm, orientation,
+                 missing_prob, verbose) -> List[dict]:
+    """Generate and write the cases into ``folder``; returns their records for dataset.json. Errors name
+    the files' places in ``out``."""
+    records = []
     for i, name in enumerate(names):
         rng = np.random.default_rng([int(seed), first_index + i])
         # a stream of its own, so that missing_prob changes which files exist and nothing else
@@ -462,7 +509,7 @@ def write_synthetic_dataset(
         missing = []
         if rng_missing.random() < missing_prob:
             missing = [MODALITIES[int(rng_missing.integers(len(MODALITIES)))]]
-        paths.append(_write_case(out, name, case, code, missing))
+        _write_case(folder, out, name, case, code, missing)
         vox_ml = float(np.prod(case.spacing)) / 1000.0
         records.append(dict(name=name, orientation=code, spacing_mm=[round(v, 3) for v in case.spacing],
                             shape=list(shape), missing=missing,
@@ -471,7 +518,11 @@ def write_synthetic_dataset(
         if verbose:
             print(f"{name}: {code}, spacing {tuple(round(v, 2) for v in case.spacing)} mm"
                   + (f", missing {', '.join(missing)}" if missing else ""), flush=True)
-    meta = dict(
+    return records
+
+
+def _metadata(records, seed, anat, anatomy, shape, spacing_mm, missing_prob, orientation) -> dict:
+    return dict(
         name=PREFIX,
         description=("SYNTHETIC BraTS-like MRI data for tests, demos and benchmarks: not patient data, no "
                      "clinical meaning. Made by medmap_fast.data.synth."),
@@ -490,19 +541,17 @@ def write_synthetic_dataset(
         file_pattern="<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz",
         cases=records,
     )
-    atomic_write_text(out / "dataset.json", json.dumps(meta, indent=2) + "\n")
-    if verbose:
-        print(f"wrote {cases} cases to {out} in {time.perf_counter() - t0:.1f} s ({anat.source})")
-    return paths
 
 
-def _write_case(out: Path, name: str, case: SynthCase, code: str, missing: Sequence[str]) -> Path:
-    with atomic_dir(out / name, replace=True) as tmp:
-        for m in MODALITIES:
-            if m not in missing:
-                _write_volume(np.round(case.images[m]), case.affine, code, tmp / f"{name}_{m}.nii.gz", np.int16)
-        _write_volume(case.label, case.affine, code, tmp / f"{name}_seg.nii.gz", np.uint8)
-    return out / name
+def _write_case(folder: Path, out: Path, name: str, case: SynthCase, code: str, missing: Sequence[str]) -> None:
+    (folder / name).mkdir()
+    volumes = [(m, np.round(case.images[m]), np.int16) for m in MODALITIES if m not in missing]
+    for role, data, dtype in volumes + [("seg", case.label, np.uint8)]:
+        filename = f"{name}_{role}.nii.gz"
+        try:
+            _write_volume(data, case.affine, code, folder / name / filename, dtype)
+        except OSError as e:
+            raise write_error(out / name / filename, e) from e
 
 
 def main(argv=None) -> int:
@@ -511,10 +560,14 @@ def main(argv=None) -> int:
         description="Write a SYNTHETIC BraTS-like data set: <OUT>/SynthBraTS_00001/SynthBraTS_00001_{t1,t1ce,t2,"
                     "flair,seg}.nii.gz and <OUT>/dataset.json. Anatomy from the ICBM152 2009a template shipped "
                     "with nilearn, or a geometric phantom; tumours with a necrotic core (label 1), oedema (2) and "
-                    "an enhancing rim (4). Not patient data.",
+                    "an enhancing rim (4). Not patient data. The data set is written into a hidden folder "
+                    "beside OUT and then replaces OUT in one step, so OUT must be new, empty, or an earlier "
+                    "synthetic data set (with --overwrite); an interrupted run leaves the old data set as it was.",
         epilog="example: medmap-fast synth data/ --cases 20 --shape 128 128 96 --missing-prob 0.2",
     )
-    p.add_argument("out", metavar="OUT", help="folder to write the cases into")
+    p.add_argument("out", metavar="OUT",
+                   help="folder to write the cases into: new, empty, or an earlier synthetic data set (replaced "
+                        "as a whole with --overwrite)")
     p.add_argument("--cases", type=int, default=10, metavar="N", help="number of cases (default 10)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes the same files (default 0)")
     p.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"), default=list(DEFAULT_SHAPE),
@@ -532,7 +585,8 @@ def main(argv=None) -> int:
     p.add_argument("-q", "--quiet", action="store_true", help="print only errors")
     args = p.parse_args(argv)
     try:
-        write_synthetic_dataset(args.out, args.cases, seed=args.seed, shape=args.shape,
+        check_out(args.out, args.overwrite, "OUT")
+        paths = write_synthetic_dataset(args.out, args.cases, seed=args.seed, shape=args.shape,
                                         anatomy=args.anatomy, missing_prob=args.missing_prob, spacing=args.spacing,
                                         orientation=args.orientation, overwrite=args.overwrite,
                                         verbose=not args.quiet)
@@ -540,7 +594,7 @@ def main(argv=None) -> int:
         print(f"medmap-fast synth: error: {e}", file=sys.stderr)
         return 1
     if not args.quiet:
-        print(f"{len(find_cases(args.out))} cases in {args.out} (synthetic data; see dataset.json)")
+        print(f"{len(paths)} cases in {args.out} (synthetic data; see dataset.json)")
     return 0
 
 

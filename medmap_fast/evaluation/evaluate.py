@@ -18,12 +18,21 @@ A case whose files (or prediction) cannot be read is reported and left out of th
 are scored, and the run ends with exit status 1.
 
 Outputs in OUT: table.txt (also printed), table.csv, table.png (heat map), cases.csv (every case and
-subset), config.json (settings, date, versions).
+subset), config.json (settings, date, versions, the list of these outputs), and with --save-predictions
+the folder predictions/. They are one set, made in a hidden temporary folder and moved in at the end:
+an interrupted run leaves the previous set as it was (a new OUT appears only when complete). Other
+files in OUT are left alone, and so is an earlier predictions/ folder when --save-predictions is not
+given. config.json is removed before the others are replaced and written after them: if it is
+missing, the set in OUT is incomplete, and running again makes it whole. Hidden temporaries left by
+a killed run are removed by the next one. OUT is checked before any work starts: a file where a
+folder is needed, or a folder that cannot be written, is an error.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,8 +40,9 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..data import (MODALITIES, atomic_write_text, find_cases, load_case, load_segmentation, modalities_on_disk,
-                    save_segmentation)
+from ..data import MODALITIES, find_cases, load_case, load_segmentation, modalities_on_disk, save_segmentation
+from ..data.atomic import (OutputPathError, WriteError, atomic_set, atomic_write_text, check_output_dir,
+                           remove_stale_temporaries, write_error)
 from .loading import load_model
 from .metrics import region_scores
 from .pipeline import (CASE_ERRORS, CaseFailures, InferenceSettings, add_model_args, cli_text, mask_names, run_command,
@@ -42,6 +52,9 @@ from .subsets import SUBSETS, Subset, parse_subset
 
 _NIFTI = (".nii.gz", ".nii")
 SINGLE = "predictions"  # the table row of a flat prediction folder (no subset subfolders)
+OUTPUT_FILES = ("table.txt", "table.csv", "table.png", "cases.csv", "config.json")
+MARKER = "config.json"  # moved in last: an output folder without it holds an incomplete set
+PREDICTIONS = "predictions"  # the folder of --save-predictions
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("data_root", metavar="DATA_ROOT", help="folder of case folders, each with <case>_seg.nii.gz labels")
-    p.add_argument("--out", required=True, metavar="DIR", help="folder for the table and per-case results")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="folder for the table and per-case results (created if needed; other files in it are kept)")
     p.add_argument(
         "--predictions",
         metavar="PRED_DIR",
@@ -76,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--save-predictions",
         action="store_true",
-        help="with --model: also write OUT/predictions/<subset>/<case>.nii.gz (readable by --predictions)",
+        help="with --model: also write OUT/predictions/<subset>/<case>.nii.gz (readable by --predictions); "
+        "an earlier OUT/predictions is replaced as a whole",
     )
     add_model_args(p, required=False)
     return p
@@ -93,6 +108,48 @@ def _subsets(text: str) -> List[Subset]:
         raise ValueError(f"--subsets {text!r}: a subset is listed twice ({names})")
     order = {s.name: i for i, s in enumerate(SUBSETS)}
     return sorted(chosen, key=lambda s: order[s.name])
+
+
+def check_out(out_dir, save_predictions: bool = False, argument: str = "out_dir",
+              predictions_argument: str = "save_predictions") -> Path:
+    """``out_dir`` as a Path if the outputs can be written there; otherwise an ``OutputPathError`` naming
+    the argument, what it got and why. Nothing is created.
+
+    argument, predictions_argument: how the caller names the output folder and the option to save
+    predictions (``"--out"`` and ``"--save-predictions"`` on the command line).
+    """
+    out = Path(check_output_dir(out_dir, argument))
+    for name in OUTPUT_FILES:
+        if os.path.lexists(out / name) and not (out / name).is_file():
+            raise OutputPathError(
+                f"{argument} {str(out_dir)!r}: {out / name} is a folder, but evaluate writes the file {name} "
+                "there; expected no such entry or a file (replaced), so move it or choose another folder"
+            )
+    pred = out / PREDICTIONS
+    if save_predictions and os.path.lexists(pred) and not pred.is_dir():
+        raise OutputPathError(
+            f"{predictions_argument}: {pred} is a file, but the predictions are written to a folder of that "
+            "name; expected no such entry or a folder (replaced as a whole), so move it or choose another --out"
+        )
+    return out
+
+
+def _remove_leftovers(out_dir: Path) -> None:
+    """Remove the hidden temporaries of an earlier run that was killed while writing into ``out_dir``."""
+    absolute = Path(os.path.abspath(out_dir))
+    remove_stale_temporaries(absolute.parent, absolute.name)
+    remove_stale_temporaries(absolute)
+
+
+@contextlib.contextmanager
+def _named_as_in(out_dir: Path, staged: Path):
+    """Errors while writing into ``staged`` name the file's place in ``out_dir``, not the hidden folder."""
+    try:
+        yield
+    except WriteError as e:
+        if not e.path.is_relative_to(staged):
+            raise
+        raise write_error(out_dir / e.path.relative_to(staged), e) from (e.__cause__ or e)
 
 
 def _load_labelled(case_dir: Path):
@@ -126,13 +183,36 @@ def evaluate_model(
     log=print,
 ) -> List[dict]:
     """Run the subset evaluation of ``model`` over the cases under ``data_root``; writes the outputs to
-    ``out_dir`` and returns the table rows (see :func:`medmap_fast.evaluation.report.build_table`).
+    ``out_dir`` (replaced as one set: see the module doc) and returns the table rows (see
+    :func:`medmap_fast.evaluation.report.build_table`).
 
-    A case whose files cannot be read is left out; once the outputs are written, ``CaseFailures``
-    names every such case.
+    ``out_dir`` is checked first (``OutputPathError``). A case whose files cannot be read is left out;
+    once the outputs are written, ``CaseFailures`` names every such case.
     """
-    out_dir = Path(out_dir)
+    out_dir = check_out(out_dir, save_predictions)
+    _remove_leftovers(out_dir)
     case_dirs = find_cases(data_root)
+    with atomic_set(out_dir, MARKER) as staged:
+        if save_predictions:
+            (staged / PREDICTIONS).mkdir()
+        with _named_as_in(out_dir, staged):
+            records, failures, seconds = _score_model(model, case_dirs, staged if save_predictions else None,
+                                                      settings, subsets, with_hd95, log)
+            title = f"Dice per modality subset: {len(case_dirs) - len(failures)} cases"
+            cfg = {
+                "mode": "model",
+                "data_root": str(Path(data_root).resolve()),
+                "cases": len(case_dirs),
+                "subsets": [s.name for s in subsets],
+                "hd95": with_hd95,
+                "inference": settings.as_json(),
+            } | (config or {}) | {"seconds": seconds}
+            rows, text, outputs = _write_outputs(staged, records, subsets, with_hd95, title, cfg, failures)
+    return _finish(out_dir, rows, text, outputs, log, failures, len(case_dirs))
+
+
+def _score_model(model, case_dirs, staged: Optional[Path], settings, subsets, with_hd95, log):
+    """(records, failures, seconds) of the subset evaluation; predictions saved under ``staged`` if given."""
     keys = metric_keys(with_hd95)
     records, failures = [], []
     t_start = time.perf_counter()
@@ -154,8 +234,8 @@ def evaluate_model(
             scores = region_scores(seg, case.label, case.spacing, with_hd95)
             records.append(_record(case, s.name, scores, "scored", keys))
             done.append(scores["dice_WT"])
-            if save_predictions:
-                save_segmentation(seg, case.geometry, out_dir / "predictions" / s.name / f"{case.name}.nii.gz")
+            if staged is not None:
+                save_segmentation(seg, case.geometry, staged / PREDICTIONS / s.name / f"{case.name}.nii.gz")
         skipped = len(subsets) - len(done)
         log(
             f"[{i}/{len(case_dirs)}] {case.name}: {len(done)} subsets scored"
@@ -163,18 +243,7 @@ def evaluate_model(
             + (f", mean Dice WT {np.mean(done):.3f}" if done else "")
             + f", {time.perf_counter() - t0:.1f} s"
         )
-    title = f"Dice per modality subset: {len(case_dirs) - len(failures)} cases"
-    cfg = {
-        "mode": "model",
-        "data_root": str(Path(data_root).resolve()),
-        "cases": len(case_dirs),
-        "subsets": [s.name for s in subsets],
-        "hd95": with_hd95,
-        "inference": settings.as_json(),
-    }
-    cfg.update(config or {})
-    cfg["seconds"] = round(time.perf_counter() - t_start, 2)
-    return _write_outputs(out_dir, records, subsets, with_hd95, title, cfg, log, failures, len(case_dirs))
+    return records, failures, round(time.perf_counter() - t_start, 2)
 
 
 def find_prediction(pred_dir: Path, case: str) -> Optional[Path]:
@@ -242,9 +311,10 @@ def evaluate_predictions(
     log=print,
 ) -> List[dict]:
     """Score the predictions in ``pred_dir`` against the labels of the cases under ``data_root``; writes
-    the outputs to ``out_dir`` and returns the table rows. A case whose files or prediction cannot be
-    read is left out, as in :func:`evaluate_model`."""
-    pred_dir, out_dir = Path(pred_dir), Path(out_dir)
+    the outputs to ``out_dir`` (as one set) and returns the table rows. ``out_dir`` is checked first; a
+    case whose files or prediction cannot be read is left out, as in :func:`evaluate_model`."""
+    pred_dir, out_dir = Path(pred_dir), check_out(out_dir)
+    _remove_leftovers(out_dir)
     t_start = time.perf_counter()
     layout = prediction_layout(pred_dir)
     if layout:
@@ -334,24 +404,31 @@ def evaluate_predictions(
         "missing_as_empty": missing_as_empty,
     }
     cfg.update(config or {})
-    cfg["seconds"] = round(time.perf_counter() - t_start, 2)
-    return _write_outputs(out_dir, records, subsets, with_hd95, title, cfg, log, failures, len(case_dirs))
+    with atomic_set(out_dir, MARKER) as staged, _named_as_in(out_dir, staged):
+        cfg["seconds"] = round(time.perf_counter() - t_start, 2)
+        rows, text, outputs = _write_outputs(staged, records, subsets, with_hd95, title, cfg, failures)
+    return _finish(out_dir, rows, text, outputs, log, failures, len(case_dirs))
 
 
-def _write_outputs(out_dir: Path, records, subsets, with_hd95, title, cfg, log, failures, total) -> List[dict]:
-    """Write the five outputs; then, if some cases were left out, raise ``CaseFailures`` naming them."""
+def _write_outputs(folder: Path, records, subsets, with_hd95, title, cfg, failures):
+    """(table rows, table text, names of the outputs): the outputs written to ``folder``, the marker last."""
     rows = build_table(records, subsets, with_hd95)
-    out_dir.mkdir(parents=True, exist_ok=True)
     text = format_table(rows, with_hd95, title)
     if failures:
         text += f"left out, files that cannot be read: {', '.join(name for name, _ in failures)}\n"
     cfg["left_out"] = dict(failures)
-    write_table_csv(out_dir / "table.csv", rows, with_hd95)
-    write_cases_csv(out_dir / "cases.csv", records, with_hd95)
-    write_heatmap(out_dir / "table.png", rows, with_hd95, title)
-    write_json(out_dir / "config.json", cfg | run_info())
-    atomic_write_text(out_dir / "table.txt", text)
-    log(text + f"written to {out_dir}: table.txt, table.csv, table.png, cases.csv, config.json")
+    cfg["outputs"] = list(OUTPUT_FILES) + ([PREDICTIONS + "/"] if (folder / PREDICTIONS).is_dir() else [])
+    write_table_csv(folder / "table.csv", rows, with_hd95)
+    write_cases_csv(folder / "cases.csv", records, with_hd95)
+    write_heatmap(folder / "table.png", rows, with_hd95, title)
+    atomic_write_text(folder / "table.txt", text)
+    write_json(folder / MARKER, cfg | run_info())
+    return rows, text, cfg["outputs"]
+
+
+def _finish(out_dir: Path, rows, text, outputs, log, failures, total) -> List[dict]:
+    """Report the outputs now in ``out_dir``; then, if some cases were left out, raise ``CaseFailures``."""
+    log(text + f"written to {out_dir}: {', '.join(outputs)}")
     if failures:
         raise CaseFailures("scored", failures, total)
     return rows
@@ -373,6 +450,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.error(f"{', '.join(wrong)}: only with {needs}")
 
     def body():
+        check_out(args.out, args.save_predictions, "--out", "--save-predictions")
         if args.predictions is not None:
             evaluate_predictions(args.data_root, args.predictions, args.out, args.hd95, args.missing_as_empty)
             return

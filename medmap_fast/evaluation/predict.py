@@ -5,11 +5,16 @@ by sliding-window inference with the modalities that are both asked for (``--mod
 the labels {0, 1, 2, 4} are written to ``OUT/<case>.nii.gz`` in the case's own orientation, affine and
 header. A case with none of the asked-for modalities stops the run before any inference; a case whose
 files cannot be read is reported and skipped, and the run ends with exit status 1.
+
+OUT is checked before any work starts: a file where the folder (or a case's file) should be, or a folder
+that cannot be written, is an error. Each file appears whole or not at all (written under a hidden
+temporary name, then renamed); a killed run's hidden temporaries are removed by the next run.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,6 +23,7 @@ from typing import List, Optional
 import numpy as np
 
 from ..data import MODALITIES, find_cases, load_case, modalities_on_disk, save_segmentation
+from ..data.atomic import OutputPathError, check_output_dir, remove_stale_temporaries
 from .loading import load_model
 from .pipeline import (CASE_ERRORS, CaseFailures, InferenceSettings, add_model_args, cli_text, mask_names,
                        run_command, segment, settings_from_args)
@@ -48,13 +54,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_out(out_dir, case_dirs=(), argument: str = "out_dir") -> Path:
+    """``out_dir`` as a Path if the segmentations of ``case_dirs`` can be written there; otherwise an
+    ``OutputPathError`` naming ``argument`` (``"--out"`` on the command line), the path and why."""
+    out = Path(check_output_dir(out_dir, argument))
+    for case_dir in case_dirs:
+        dest = out / f"{Path(case_dir).name}.nii.gz"
+        if os.path.lexists(dest) and not dest.is_file():
+            raise OutputPathError(
+                f"{argument} {str(out_dir)!r}: {dest} is a folder, but the segmentation of case "
+                f"{Path(case_dir).name} is written to a file of that name; expected no such entry or a file "
+                "(replaced), so move it or choose another folder"
+            )
+    return out
+
+
 def predict_cases(
     model, case_dirs: List[Path], out_dir: Path, settings: InferenceSettings, modalities=MODALITIES, log=print
 ) -> List[Path]:
     """Segment each case folder into ``out_dir/<case>.nii.gz``; returns the paths written.
 
-    A case whose files cannot be read is reported and left out; the others are segmented, and then
-    ``CaseFailures`` names every case left out and why.
+    ``out_dir`` is checked before any case is read (``OutputPathError``). A case whose files cannot be
+    read is reported and left out; the others are segmented, and then ``CaseFailures`` names every case
+    left out and why.
     """
     wanted = np.array([m in modalities for m in MODALITIES], dtype=bool)
     names = [Path(c).name for c in case_dirs]
@@ -70,6 +92,8 @@ def predict_cases(
                 f"case {Path(case_dir).name} ({case_dir}): has none of the requested modalities "
                 f"({mask_names(wanted)}); its files give {mask_names(on_disk)}"
             )
+    out_dir = check_out(out_dir, case_dirs)
+    remove_stale_temporaries(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written, failures = [], []
     for i, case_dir in enumerate(case_dirs, 1):
@@ -98,9 +122,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body():
+        check_out(args.out, argument="--out")
         modalities = parse_subset(args.modalities).modalities
         settings = settings_from_args(args)
         case_dirs = find_cases(args.input)
+        check_out(args.out, case_dirs, "--out")
         model = load_model(args.model, args.checkpoint, settings.device)
         predict_cases(model, case_dirs, Path(args.out), settings, modalities)
 
