@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._strides import check_shared_strides
 from .masked_fusion import MAX_MODALITIES, _acc, _np2, _pad, _pick, _present_mask
 
 
@@ -377,6 +378,7 @@ def check_modalities(feats, what="feats"):
     M = len(feats)
     if not 1 <= M <= MAX_MODALITIES:
         raise ValueError(f"{what}: between 1 and {MAX_MODALITIES} modalities are supported, got {M}")
+    check_shared_strides(feats, what)
     return M
 
 
@@ -434,6 +436,7 @@ def anchor_bwd(feats, coef, present, G, detach, grad_feats, grad_coef):
     M = check_modalities(feats)
     if len(grad_feats) != M:
         raise ValueError(f"grad_feats: expected {M} tensors, got {len(grad_feats)}")
+    check_shared_strides(grad_feats, "grad_feats")
     B, C, S = feats[0].shape
     if B * C == 0:
         return

@@ -75,6 +75,8 @@ def fuse_sum_fwd_kernel(
         fk = _pick(k, f0, f1, f2, f3, f4, f5, f6, f7)
         here = tl.load(present_ptr + b * M + k) != 0
         w = tl.load(coef_ptr + (b * M + k) * C + cs, mask=cmask, other=0.0).to(ACC)
+        # A missing modality's coefficient is not used either: NaN * 0 would still reach the sum.
+        w = tl.where(here, w, 0.0)
         x = tl.load(fk + in_off, mask=_present_mask(here, cmask, ss, S), other=0.0).to(ACC)
         acc += w[:, None] * x
     out_off = b64 * ob + cs[:, None].to(tl.int64) * oc + ss[None, :].to(tl.int64) * os_
@@ -148,6 +150,8 @@ def masked_copy_kernel(
 
 import torch  # noqa: E402
 
+from ._strides import check_shared_strides  # noqa: E402
+
 
 def _np2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
@@ -181,6 +185,7 @@ def _launch_args(ref: torch.Tensor):
 
 
 def fuse_sum_fwd(feats, coef, present, out):
+    check_shared_strides(feats, "feats")
     B, C, S, bc, bs, grid = _launch_args(feats[0])
     if B * C * S == 0:
         return
@@ -192,6 +197,8 @@ def fuse_sum_fwd(feats, coef, present, out):
 
 
 def fuse_sum_bwd(grad, feats, coef, present, grad_feats, grad_coef):
+    check_shared_strides(feats, "feats")
+    check_shared_strides(grad_feats, "grad_feats")
     B, C, S, bc, bs, grid = _launch_args(grad_feats[0])
     M = len(grad_feats)
     if B * C * S == 0:
@@ -212,6 +219,8 @@ def fuse_sum_bwd(grad, feats, coef, present, grad_feats, grad_coef):
 
 
 def masked_copy(src, present, dst):
+    check_shared_strides(src, "src")
+    check_shared_strides(dst, "dst")
     B, C, S, bc, bs, grid = _launch_args(dst[0])
     if B * C * S == 0:
         return

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._strides import check_shared_strides
 from .anchor_align import (
     NUM_WARPS,
     _flag,
@@ -368,6 +369,7 @@ def moments_bwd(feats, coef, present, mean, alpha, beta, grad_feats, grad_coef):
     M = check_modalities(feats)
     if len(grad_feats) != M:
         raise ValueError(f"grad_feats: expected {M} tensors, got {len(grad_feats)}")
+    check_shared_strides(grad_feats, "grad_feats")
     has_anchor = coef is not None
     need = grad_coef is not None
     if need and not has_anchor:

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._strides import same_strides
 from .anchor_align import NUM_WARPS, _offsets, _spatial_tile, needs_int64, spatial_grid
 from .masked_fusion import _acc
 from .moment_matching import moments_fwd
@@ -144,7 +145,7 @@ def _per_channel(t: torch.Tensor, C: int) -> torch.Tensor:
 
 def _check(x, groups, residual, residual_mode):
     B, C, S = x.shape
-    if residual is not None and residual.stride() != x.stride():
+    if residual is not None and not same_strides(residual, x):
         raise ValueError(f"residual must share x's strides {x.stride()}, got {residual.stride()}")
     if groups < 1 or C % groups:
         raise ValueError(f"groups must divide C={C}, got {groups}")
@@ -182,7 +183,7 @@ def norm_act_bwd(x, weight, bias, residual, dy, mean, rstd, dx, dres, dweight, d
         raise ValueError(f"residual must be given exactly when residual_mode == 1 (got mode {residual_mode})")
     if dres is not None and residual_mode != 1:
         raise ValueError("dres is only written in residual_mode 1 (in mode 2 it is dy itself)")
-    if dres is not None and dres.stride() != dx.stride():
+    if dres is not None and not same_strides(dres, dx):
         raise ValueError(f"dres must share dx's strides {dx.stride()}, got {dres.stride()}")
     acc = mean.dtype
     mean_c, rstd_c = _per_channel(mean, C), _per_channel(rstd, C)

@@ -110,8 +110,14 @@ def _values_checkable() -> bool:
     return not torch.compiler.is_compiling()
 
 
-def check_weights_vector(pi, shapes: Sequence[tuple], name: str, device: torch.device, what: str):
-    """A non-negative weight tensor (e.g. mixture weights over modalities) of one of ``shapes``; None passes."""
+def check_weights_vector(
+    pi, shapes: Sequence[tuple], name: str, device: torch.device, what: str, values: bool = True
+):
+    """A non-negative weight tensor (e.g. mixture weights over modalities) of one of ``shapes``; None passes.
+
+    ``values=False`` leaves the value check to the caller (who folds it into a check of its own, so
+    that the values are read back once).
+    """
     if pi is None:
         return None
     if not isinstance(pi, torch.Tensor):
@@ -122,12 +128,80 @@ def check_weights_vector(pi, shapes: Sequence[tuple], name: str, device: torch.d
         raise TypeError(f"{name} must be floating point, got {pi.dtype}")
     if pi.device != device:
         raise ValueError(f"{name} is on {pi.device} but the features are on {device}")
-    if _values_checkable():
-        bad = ~(torch.isfinite(pi) & (pi >= 0))
-        if bool(bad.any()):
-            idx = first_bad_index(bad)
-            raise ValueError(f"{name} must be finite and non-negative, got {pi[idx].item()} at index {idx}")
+    if values:
+        check_weight_values(pi, name)
     return pi
+
+
+def _raise_bad_weight(pi: torch.Tensor, bad: torch.Tensor, name: str) -> None:
+    idx = first_bad_index(bad)
+    raise ValueError(f"{name} must be finite and non-negative, got {pi[idx].item()} at index {idx}")
+
+
+def check_weight_values(pi: torch.Tensor, name: str, what: str = "", positive_sum: bool = False) -> None:
+    """Every weight finite and >= 0; with ``positive_sum``, not all zero (a mixture needs some weight).
+
+    One reduction read back to the host (a device sync on CUDA); skipped while tracing.
+    """
+    if pi is None or not _values_checkable():
+        return
+    p = pi.detach()
+    bad = ~(torch.isfinite(p) & (p >= 0))
+    flag = bad.any()
+    if positive_sum:
+        flag = flag | ~(p.sum() > 0)
+    if not bool(flag):
+        return
+    if bool(bad.any()):
+        _raise_bad_weight(p, bad, name)
+    raise ValueError(
+        f"{name}{f' ({what})' if what else ''} must have a positive sum, got all zeros {p.tolist()}: "
+        "normalised by their sum they define no distribution"
+    )
+
+
+def check_anchor_weights(pi, mask: torch.Tensor, name: str = "pi") -> None:
+    """The anchor's weights over the modalities, pi (M,) or (B, M), against the (B, M) mask.
+
+    Every weight must be finite and non-negative, and every sample with at least one modality present
+    needs a positive weight on one of them: the anchor is the pi-weighted mean of the present
+    modalities, which weights summing to 0 leave undefined (a sample with nothing present needs
+    nothing). One reduction on (B, M) read back to the host (a device sync on CUDA); skipped while
+    tracing. None (uniform weights) always passes.
+    """
+    if pi is None or not _values_checkable():
+        return
+    p = pi.detach()
+    present = mask != 0
+    bad = ~(torch.isfinite(p) & (p >= 0))
+    row = p.expand(present.shape)
+    total = torch.where(present, row, torch.zeros((), dtype=p.dtype, device=p.device)).sum(dim=1)
+    undefined = present.any(dim=1) & ~(total > 0)
+    if not bool(bad.any() | undefined.any()):
+        return
+    if bool(bad.any()):
+        _raise_bad_weight(p, bad, name)
+    samples = undefined.nonzero().flatten().tolist()
+    b = samples[0]
+    shown = ", ".join(map(str, samples[:8])) + (", ..." if len(samples) > 8 else "")
+    here = present[b].nonzero().flatten().tolist()
+    raise ValueError(
+        f"{name}: the weights of the present modalities sum to 0 in sample(s) [{shown}] "
+        f"({len(samples)} of {present.shape[0]}); e.g. sample {b} has modalities {here} present and "
+        f"{name}{f'[{b}]' if p.dim() == 2 else ''} = {row[b].tolist()}, so its anchor (the weighted mean "
+        f"of its present modalities) is undefined. Expected a positive weight on at least one present "
+        f"modality of every sample that has one (e.g. give per-sample weights of shape (B, M))"
+    )
+
+
+def check_voxels(shape: Sequence[int], B: int, C: int, S: int, name: str = "features") -> None:
+    """Per-(b, k) statistics over channels and voxels need at least one of each; an empty batch needs none."""
+    if B > 0 and (C == 0 or S == 0):
+        raise ValueError(
+            f"{name} of shape {tuple(shape)} have C = {C} channel(s) and {S} voxel(s) per modality: their "
+            "mean over the channels and voxels is undefined; expected C >= 1 and at least one voxel "
+            "(an empty batch, B = 0, is allowed)"
+        )
 
 
 def check_positive(value, name: str, channels: int, device: torch.device):

@@ -12,6 +12,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from . import _checks
+
 Features = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
@@ -42,8 +44,11 @@ def masked_fusion(
     - ``weighted``: sum over present k of w[b, k] * f_k (w of shape (B, M) or (B, M, C)), with w
       softmax-normalised over the present modalities when ``normalize`` is true;
     - ``anchor_impute``: a missing modality takes the anchor a_b (weights pi = ``weights``, (M,) or
-      (B, M), uniform when None), then (B, M*C, *spatial) channel concatenation.
-    A missing modality's features never reach the result, whatever they hold (NaN included).
+      (B, M), uniform when None; see :func:`anchor_weights` for when they are refused), then
+      (B, M*C, *spatial) channel concatenation.
+    A missing modality's features never reach the result, whatever they hold (NaN included), and
+    neither does its ``weighted`` weight: a NaN or inf there changes nothing, and that weight gets
+    a zero gradient.
     """
     f = stack_modalities(features)
     present = present_mask(mask, f.dim())
@@ -54,12 +59,15 @@ def masked_fusion(
         count = present.sum(dim=1, keepdim=True).clamp_min(1)
         return kept.sum(dim=1) / count.squeeze(1).to(f.dtype)
     if mode == "anchor_impute":
-        a = anchor(f, mask, weights).unsqueeze(1)
+        a = anchor(f, mask, weights, name="weights").unsqueeze(1)
         return torch.where(present, f, a).flatten(1, 2)
     if mode == "weighted":
         w = weights if weights.dim() == 3 else weights.unsqueeze(-1)
         if normalize:
             w = masked_softmax(w, mask)
+        else:
+            # selected, not multiplied by the mask: 0 * NaN would be NaN
+            w = torch.where((mask != 0).unsqueeze(-1), w, torch.zeros((), dtype=w.dtype, device=w.device))
         w = w.to(f.dtype).view(*w.shape, *([1] * (f.dim() - 3)))
         return (kept * w).sum(dim=1)
     raise ValueError(f"mode must be 'zero_concat', 'mean', 'weighted' or 'anchor_impute', got {mode!r}")
@@ -86,25 +94,46 @@ def masked_softmax(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 REDUCTIONS = ("none", "mean", "sum")
 
 
-def anchor_weights(mask: torch.Tensor, pi: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+def anchor_weights(
+    mask: torch.Tensor, pi: Optional[torch.Tensor], dtype: torch.dtype, name: str = "pi"
+) -> torch.Tensor:
     """The (B, M) anchor coefficients m_bk pi_k / sum_j m_bj pi_j (all 0 for a sample with nothing present).
 
     ``pi`` is (M,) or (B, M) (non-negative mixture weights over modalities), or None for uniform.
+    Refused with a ValueError naming ``name``: a negative or non-finite weight, and a sample with at
+    least one modality present whose present weights sum to 0 (its anchor, a weighted mean with no
+    weight, is undefined; it must not quietly become a = 0, the P_N objective). The check reads one
+    (B, M) reduction back to the host; while tracing (torch.compile) it is skipped and such a sample
+    gives NaN (0/0) instead.
     """
+    _checks.check_anchor_weights(pi, mask, name)
+    return anchor_weights_unchecked(mask, pi, dtype)
+
+
+def anchor_weights_unchecked(mask: torch.Tensor, pi: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """:func:`anchor_weights` for weights already validated against this mask (the ops check them once)."""
     B, M = mask.shape
-    p = (mask != 0).to(dtype)
-    w = p if pi is None else p * pi.to(dtype).expand(B, M)
+    present = mask != 0
+    p = present.to(dtype)
+    zero = torch.zeros((), dtype=dtype, device=mask.device)
+    w = p if pi is None else torch.where(present, pi.to(dtype).expand(B, M), zero)
     total = w.sum(dim=1, keepdim=True)
-    # A sample with nothing present: its weights are 0 (and their gradient too), not 0/0.
-    return torch.where(total > 0, w / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(w))
+    # Only a sample with nothing present is spared the division (its weights and their gradient are 0):
+    # one whose present weights sum to 0 gets 0/0 = NaN, never a silent a = 0.
+    anyp = present.any(dim=1, keepdim=True)
+    return torch.where(present, w / torch.where(anyp, total, torch.ones_like(total)), zero)
 
 
-def anchor(features: Features, mask: torch.Tensor, pi: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The per-sample anchor a_b = sum_k m_bk pi_k f_bk / sum_k m_bk pi_k, shape (B, C, *spatial)."""
+def anchor(
+    features: Features, mask: torch.Tensor, pi: Optional[torch.Tensor] = None, name: str = "pi"
+) -> torch.Tensor:
+    """The per-sample anchor a_b = sum_k m_bk pi_k f_bk / sum_k m_bk pi_k, shape (B, C, *spatial).
+
+    ``pi`` as in :func:`anchor_weights` (``name`` is what its errors call it)."""
     f = stack_modalities(features)
     present = present_mask(mask, f.dim())
     kept = torch.where(present, f, torch.zeros((), dtype=f.dtype, device=f.device))
-    w = anchor_weights(mask, pi, f.dtype)
+    w = anchor_weights(mask, pi, f.dtype, name)
     return (kept * w.view(*w.shape, *([1] * (f.dim() - 2)))).sum(dim=1)
 
 
@@ -146,8 +175,11 @@ def anchor_align(
     anchor (``anchor_kind="mix"``: weights ``pi`` over the present modalities; ``"normal"``: a = 0).
     ``reduction="none"`` gives the (B, M) L_bk (0 where missing); ``"mean"`` their mean over the present
     (b, k), which is SPEC's 1/(2 sigma^2) sum m ||f - a||^2 / (C S sum m); ``"sum"`` their sum.
+    Features with no voxel or no channel (and B > 0) are refused: a mean over nothing is undefined.
+    ``pi`` is refused as in :func:`anchor_weights`.
     """
     f = stack_modalities(features)
+    _check_voxels(f)
     present = present_mask(mask, f.dim())
     if anchor_kind == "mix":
         a = anchor(f, mask, pi)
@@ -165,10 +197,17 @@ def anchor_align(
     return _reduce_modalities(per_bk, mask, reduction)
 
 
-def _mixture_log_weights(J: int, pi: Optional[torch.Tensor], pi_logits: Optional[torch.Tensor], like) -> torch.Tensor:
+def _check_voxels(f: torch.Tensor) -> None:
+    _checks.check_voxels(f.shape, f.shape[0], f.shape[2], math.prod(f.shape[3:]))
+
+
+def _mixture_log_weights(
+    J: int, pi: Optional[torch.Tensor], pi_logits: Optional[torch.Tensor], like, name: str = "pi"
+) -> torch.Tensor:
     if pi_logits is not None:
         return torch.log_softmax(pi_logits.to(like.dtype), dim=0)
     if pi is not None:
+        _checks.check_weight_values(pi, name, "mixture weights", positive_sum=True)
         return safe_log(pi.to(like.dtype) / pi.to(like.dtype).sum())
     return torch.full((J,), -math.log(J), dtype=like.dtype, device=like.device)
 
@@ -186,8 +225,9 @@ def gaussian_kl(
     """KL from the diagonal Gaussians N(mu, exp(logvar)) (rows of shape (..., C)) to an anchor (SPEC section 3).
 
     With ``nu`` None the anchor is P_N = N(0, I) (closed form); otherwise the J-component mixture
-    sum_j pi_j N(nu_j, diag exp(logtau2_j)) (nu, logtau2 of shape (J, C); weights ``pi`` or
-    ``softmax(pi_logits)``, uniform by default), by the variational approximation
+    sum_j pi_j N(nu_j, diag exp(logtau2_j)) (nu, logtau2 of shape (J, C); weights ``pi`` (finite,
+    non-negative, with a positive sum: refused otherwise) or ``softmax(pi_logits)``, uniform by
+    default), by the variational approximation
     KL_var = -log sum_j pi_j exp(-KL(q || p_j)). This naive version builds the (N, J, C) tensor.
     ``mask`` (a prefix of mu's leading dims, e.g. (B, M) for mu of shape (B, M, *spatial, C)) drops
     rows; ``reduction``: "none" (the per-row KL, 0 for dropped rows), "mean" (over kept rows), "sum".
@@ -233,8 +273,16 @@ def safe_log(p: torch.Tensor) -> torch.Tensor:
     return torch.where(pos, torch.log(torch.where(pos, p, torch.ones_like(p))), torch.full_like(p, float("-inf")))
 
 
-def mixture_moments(nu, logtau2, pi=None, pi_logits=None):
-    """Per-channel mean and variance of the mixture sum_j pi_j N(nu_j, exp(logtau2_j)), each (C,)."""
+def mixture_moments(nu, logtau2, pi=None, pi_logits=None, name: str = "pi"):
+    """Per-channel mean and variance of the mixture sum_j pi_j N(nu_j, exp(logtau2_j)), each (C,).
+
+    ``pi`` (called ``name`` in errors) must be finite and non-negative with a positive sum."""
+    _checks.check_weight_values(pi, name, "mixture weights", positive_sum=True)
+    return mixture_moments_unchecked(nu, logtau2, pi, pi_logits)
+
+
+def mixture_moments_unchecked(nu, logtau2, pi=None, pi_logits=None):
+    """:func:`mixture_moments` for weights already validated (the ops check them once, up front)."""
     if pi is not None:
         w = pi.to(nu.dtype) / pi.to(nu.dtype).sum()
     else:
@@ -265,8 +313,11 @@ def moment_matching(
     anchor a_b (weights ``pi``; per sample and channel); ``"normal"``, (0, 1); ``"mixture"``, the
     mixture (nu, logtau2, weights ``pi_mix`` or ``softmax(pi_logits)``)'s own mean and variance.
     L_bk = mean over c of (mu - mu*)^2 + (sigma - sigma*)^2; reductions as in :func:`anchor_align`.
+    Features with no voxel or no channel (and B > 0) are refused: their moments are undefined.
+    ``pi`` is refused as in :func:`anchor_weights`; ``pi_mix`` as in :func:`mixture_moments`.
     """
     f = stack_modalities(features)
+    _check_voxels(f)
     B, M, C = f.shape[:3]
     # A missing modality is never read: zeroed first, so that NaN there cannot reach any gradient.
     f = torch.where(present_mask(mask, f.dim()), f, torch.zeros((), dtype=f.dtype, device=f.device))
@@ -284,7 +335,7 @@ def moment_matching(
         t_mean = torch.zeros((), dtype=f.dtype, device=f.device)
         t_sigma = torch.sqrt(torch.tensor(1.0 + eps, dtype=f.dtype, device=f.device))
     elif target == "mixture":
-        mm, mv = mixture_moments(nu.to(f.dtype), logtau2.to(f.dtype), pi_mix, pi_logits)
+        mm, mv = mixture_moments(nu.to(f.dtype), logtau2.to(f.dtype), pi_mix, pi_logits, name="pi_mix")
         t_mean, t_sigma = mm, (mv + eps).sqrt()
     else:
         raise ValueError(f"target must be 'anchor', 'normal' or 'mixture', got {target!r}")
@@ -292,6 +343,36 @@ def moment_matching(
     present = (mask != 0).unsqueeze(-1)
     per_bk = torch.where(present, per_c, torch.zeros((), dtype=f.dtype, device=f.device)).mean(dim=-1)
     return _reduce_modalities(per_bk, mask, reduction)
+
+
+class _DenseGradient(torch.autograd.Function):
+    """Identity whose backward hands the incoming gradient on in the contiguous layout.
+
+    ``F.instance_norm`` runs batch norm on a (1, B*C, *spatial) view of its input. With B = 1 that view
+    has the input's own shape, so the backward receives the caller's gradient as is; a channels-last
+    gradient arrives with a batch stride that the view recomputes as C (the stride of a size-1 dim is
+    free), and torch's CPU batch-norm backward (seen in torch 2.13) then returns a wrong input gradient
+    (relative error ~1.4). A contiguous gradient takes the path that is right; every other layout, and
+    B >= 2, already does.
+    """
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def _group_norm_input(x: torch.Tensor) -> torch.Tensor:
+    """x as ``F.group_norm`` can take it. torch's CPU group-norm backward (seen in torch 2.13) crashes
+    the process on a channels-last input that needs no gradient while the weight or bias does (it
+    writes an input gradient nobody asked for); a contiguous copy of such an input takes the path that
+    works. Inputs that need a gradient, and contiguous ones, are passed as they are."""
+    if x.device.type == "cpu" and not x.requires_grad and not x.is_contiguous():
+        return x.contiguous()
+    return x
 
 
 def norm_act(
@@ -316,10 +397,13 @@ def norm_act(
     F = torch.nn.functional
     if norm == "instance" and math.prod(x.shape[2:]) > 1:
         z = F.instance_norm(x, weight=weight, bias=bias, eps=eps)
-    elif norm == "instance":  # F.instance_norm refuses one voxel; the statistics are still defined
-        z = F.group_norm(x, x.shape[1], weight=weight, bias=bias, eps=eps)
+        if x.shape[0] == 1 and z.requires_grad:
+            z = _DenseGradient.apply(z)
     else:
-        z = F.group_norm(x, num_groups, weight=weight, bias=bias, eps=eps)
+        # F.instance_norm refuses one voxel, and F.group_norm one value per group; the statistics are
+        # still defined (variance 0), so the op behind F.group_norm runs without that check.
+        groups = x.shape[1] if norm == "instance" else num_groups
+        z = torch.group_norm(_group_norm_input(x), groups, weight, bias, eps, torch.backends.cudnn.enabled)
     if residual is not None and residual_position == "before_activation":
         z = z + residual
     if activation == "leaky_relu":

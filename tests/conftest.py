@@ -53,6 +53,15 @@ def require_backend(backend: str, dtype=torch.float32, num_modalities: int = 4) 
 FUSED_BACKENDS = ["cpu", "triton", "cuda"]
 
 
+# The base seed of the differential test (tests/test_differential.py): fresh every run unless given,
+# and printed in pytest's header so that any failing case can be replayed.
+FUZZ_SEED = int(os.environ.get("MEDMAP_FAST_FUZZ_SEED", "0")) or int.from_bytes(os.urandom(4), "little")
+
+
+def pytest_report_header(config):
+    return f"differential test: MEDMAP_FAST_FUZZ_SEED={FUZZ_SEED}"
+
+
 def fresh_seed() -> int:
     """A new seed every run (fresh random inputs), printed so that a failure can be replayed."""
     seed = int.from_bytes(os.urandom(4), "little")

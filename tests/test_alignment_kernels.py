@@ -510,3 +510,28 @@ def test_triton_limits(backend):
     with pytest.raises(ValueError, match="J == 1"):
         nu = torch.zeros(2, 3, device=device)
         gaussian_kl.gkl_bwd(mu, mu, None, nu, nu, None, torch.ones(1, 2), mu.clone(), None, None)
+
+
+def test_triton_launchers_refuse_modalities_that_address_differently():
+    """The Triton launchers address every modality with the first one's strides: a list whose
+    strides differ on a dim of size > 1 must be refused (the ops never pass one, direct calls
+    could); strides that differ only on size-1 dims address alike and are accepted."""
+    device = require_backend("triton", torch.float64)
+    from medmap_fast.kernels import anchor_align as ka
+    from medmap_fast.kernels import masked_fusion as kf
+
+    gen = torch.Generator().manual_seed(fresh_seed())
+    base = [torch.randn(2, 3, 5, generator=gen, dtype=torch.float64).to(device) for _ in range(2)]
+    mixed = [base[0], base[1].transpose(1, 2).contiguous().transpose(1, 2)]  # NCS and channels-last
+    present = torch.ones(2, 2, dtype=torch.bool, device=device)
+    coef = torch.full((2, 2, 3), 0.5, dtype=torch.float64, device=device)
+    with pytest.raises(ValueError, match=r"feats\[1\].*strides"):
+        kf.fuse_sum_fwd(mixed, coef, present, torch.empty(2, 3, 5, dtype=torch.float64, device=device))
+    with pytest.raises(ValueError, match=r"feats\[1\].*strides"):
+        ka.anchor_fwd(mixed, coef, present, torch.empty(2, 2, 3, dtype=torch.float64, device=device), None)
+    # batch 1: the batch stride is free; 7 instead of 15 addresses the same elements
+    one = [t[:1] for t in base]
+    odd = [one[0], one[1].as_strided(one[1].shape, (7, 5, 1))]
+    out = torch.empty(1, 3, 5, dtype=torch.float64, device=device)
+    kf.fuse_sum_fwd(odd, coef[:1], present[:1], out)
+    torch.testing.assert_close(out, 0.5 * (one[0] + one[1]))

@@ -248,3 +248,34 @@ def test_module_logvar_forms_agree():
     checking = MedMAPAlign(3, 6, anchor="mixture", check_finite=True, backend="cpu")
     with pytest.raises(ValueError, match=r"features\[2\].*\(0, 1, 2, 3, 1\)"):
         checking(bad, mask)
+
+
+@pytest.mark.parametrize("loss", ["kl", "moments"])
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+def test_fixed_anchor_with_zero_weights_on_a_sample_raises(loss, backend):
+    """pi=[1, 0, 0, 0] on a sample without T1: no anchor is defined there, so a clear error, never a
+    silent switch to the P_N objective (alignment to zero)."""
+    require_backend(backend)
+    feats = _feats(B=3, seed=fresh_seed())
+    module = MedMAPAlign(4, 6, anchor="fixed", pi=[1, 0, 0, 0], loss=loss, backend=backend)
+    with_t1 = torch.tensor([[1, 1, 0, 1], [1, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    value = module(feats, with_t1)  # every sample with something present has T1 (or nothing at all)
+    torch.testing.assert_close(value, _reference_loss(module, feats, with_t1).float(), rtol=1e-5, atol=1e-6)
+    without_t1 = torch.tensor([[1, 1, 0, 1], [0, 1, 1, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    for call in (
+        lambda: module(feats, without_t1),
+        lambda: module(feats, without_t1, return_imputed=True),
+    ):
+        with pytest.raises(ValueError, match=r"sum to 0 in sample\(s\) \[1\].*= \[1\.0, 0\.0, 0\.0, 0\.0\]"):
+            call()
+
+
+@pytest.mark.parametrize("anchor,loss", COMBOS)
+def test_zero_voxels_raise_for_every_loss(anchor, loss):
+    require_backend("cpu")
+    module = MedMAPAlign(4, 6, anchor=anchor, loss=loss, backend="cpu")
+    feats = [torch.randn(2, 6, 0, 4, 4) for _ in range(4)]
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    for f in (feats, torch.stack(feats, 1)):
+        with pytest.raises(ValueError, match=r"features of shape .* have C = 6 channel\(s\) and 0 voxel\(s\)"):
+            module(f, mask)

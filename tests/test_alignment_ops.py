@@ -2,6 +2,7 @@
 
 import importlib
 import math
+import re
 
 import pytest
 import torch
@@ -536,3 +537,187 @@ def test_edge_inputs():
     ours = medmap_fast.moment_matching(f, torch.ones(2, 2), target="mixture", nu=nu, logtau2=lt, backend="cpu")
     exact = reference.moment_matching(f.double(), torch.ones(2, 2), target="mixture", nu=nu.double(), logtau2=lt.double())
     torch.testing.assert_close(ours.double(), exact, rtol=1e-3, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs that define no anchor, no mixture or no statistic: one error on every backend
+# ----------------------------------------------------------------------------------------------
+
+UNDEFINED_BACKENDS = ["cpu", "triton", "reference"]
+
+
+def _t1_missing_case(device):
+    """Sample 1 lacks modality 0 (T1); sample 2 has nothing present; pi puts all weight on T1."""
+    g = torch.Generator().manual_seed(fresh_seed())
+    feats = [torch.randn(3, 2, 3, 2, 2, generator=g).to(device) for _ in range(4)]
+    mask = torch.tensor([[1, 1, 0, 1], [0, 1, 1, 0], [0, 0, 0, 0]], dtype=torch.bool, device=device)
+    return feats, mask, torch.tensor([1.0, 0.0, 0.0, 0.0], device=device)
+
+
+def _anchor_users(backend):
+    """Every public entry point that builds the anchor from weights over the modalities."""
+    return {
+        "anchor_align": lambda f, m, pi: medmap_fast.anchor_align(f, m, pi, backend=backend),
+        "anchor_align(return_anchor)": lambda f, m, pi: medmap_fast.anchor_align(
+            f, m, pi, return_anchor=True, backend=backend
+        ),
+        "moment_matching": lambda f, m, pi: medmap_fast.moment_matching(f, m, pi, backend=backend),
+        "moments": lambda f, m, pi: medmap_fast.ops.moments(f, m, pi, with_anchor=True, backend=backend),
+        "masked_fusion(anchor_impute)": lambda f, m, pi: medmap_fast.masked_fusion(
+            f, m, "anchor_impute", pi, backend=backend
+        ),
+    }
+
+
+@pytest.mark.parametrize("backend", UNDEFINED_BACKENDS)
+def test_weights_summing_to_zero_on_the_present_modalities_are_refused(backend):
+    device = require_backend(backend)
+    feats, mask, pi = _t1_missing_case(device)
+    for name, call in _anchor_users(backend).items():
+        arg = "weights" if "masked_fusion" in name else "pi"
+        with pytest.raises(ValueError) as info:
+            call(feats, mask, pi)
+        msg = str(info.value)
+        # the argument, the sample, its present modalities and the weights got, what is expected
+        for words in (f"{arg}:", "sum to 0 in sample(s) [1] (1 of 3)", "sample 1 has modalities [1, 2] present",
+                      f"{arg} = [1.0, 0.0, 0.0, 0.0]", "Expected a positive weight"):
+            assert words in msg, f"{name}: {words!r} not in {msg!r}"
+    # per-sample weights: the error shows that sample's row
+    pi_bm = torch.ones(3, 4, device=device)
+    pi_bm[0, [0, 1, 3]] = 0.0
+    with pytest.raises(ValueError, match=r"sample\(s\) \[0\].*pi\[0\] = \[0\.0, 0\.0, 1\.0, 0\.0\]"):
+        medmap_fast.anchor_align(feats, mask, pi_bm, backend=backend)
+    # all zero: every sample with something present is named, the empty one is not
+    with pytest.raises(ValueError, match=r"sample\(s\) \[0, 1\] \(2 of 3\)"):
+        medmap_fast.moment_matching(feats, mask, torch.zeros(4, device=device), backend=backend)
+
+
+@pytest.mark.parametrize("backend", UNDEFINED_BACKENDS)
+def test_zero_weights_that_still_define_every_anchor_are_fine(backend):
+    """Zero weights are legal where each sample keeps a positive weight on a present modality, and a
+    sample with nothing present needs no weight at all (it adds nothing, gradient 0)."""
+    device = require_backend(backend)
+    feats, mask, _ = _t1_missing_case(device)
+    pi = torch.tensor([1.0, 0.0, 2.0, 0.0], device=device)
+    pi_bm = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 3.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]], device=device)
+    f64 = [f.double().cpu() for f in feats]
+    for p in (pi, pi_bm):
+        for name, call in _anchor_users(backend).items():
+            call(feats, mask, p)
+        ours = medmap_fast.anchor_align(feats, mask, p, reduction="none", backend=backend)
+        exact = reference.anchor_align(f64, mask.cpu(), p.double().cpu(), reduction="none")
+        torch.testing.assert_close(ours.double().cpu(), exact, rtol=2e-5, atol=2e-6)
+        assert (ours[2] == 0).all()
+        fs = [f.clone().requires_grad_() for f in feats]
+        grads = torch.autograd.grad(medmap_fast.moment_matching(fs, mask, p, backend=backend), fs)
+        assert all(torch.isfinite(g).all() and (g[2] == 0).all() for g in grads)
+
+
+@pytest.mark.parametrize("backend", UNDEFINED_BACKENDS)
+@pytest.mark.parametrize("value", [-0.5, float("nan"), float("inf")])
+def test_negative_or_non_finite_anchor_weights_are_refused(backend, value):
+    device = require_backend(backend)
+    feats, mask, _ = _t1_missing_case(device)
+    pi = torch.ones(4, device=device)
+    pi[2] = value
+    for name, call in _anchor_users(backend).items():
+        arg = "weights" if "masked_fusion" in name else "pi"
+        with pytest.raises(ValueError, match=rf"{arg} must be finite and non-negative, got {value} at index \(2,\)"):
+            call(feats, mask, pi)
+
+
+def test_reference_defines_the_same_refusals():
+    feats, mask, pi = _t1_missing_case(torch.device("cpu"))
+    for call in (
+        lambda: reference.anchor(feats, mask, pi),
+        lambda: reference.anchor_align(feats, mask, pi),
+        lambda: reference.moment_matching(feats, mask, pi),
+    ):
+        with pytest.raises(ValueError, match=r"pi: the weights .* sum to 0 in sample\(s\) \[1\]"):
+            call()
+    with pytest.raises(ValueError, match=r"weights: .* sample\(s\) \[1\]"):
+        reference.masked_fusion(feats, mask, "anchor_impute", pi)
+    # untraced checks aside, the arithmetic itself never turns such a sample into a = 0
+    w = reference.anchor_weights_unchecked(mask, pi, torch.float64)
+    assert torch.isnan(w[1, 1:3]).all() and (w[1, [0, 3]] == 0).all()
+    assert (w[2] == 0).all() and w[0].tolist() == [1.0, 0.0, 0.0, 0.0]
+
+
+def test_zero_anchor_weights_under_torch_compile_give_nan_not_a_zero_anchor():
+    """Value checks are skipped while tracing; the sample then gives NaN, never the P_N objective."""
+    require_backend("cpu")
+    feats, mask, pi = _t1_missing_case(torch.device("cpu"))
+    fn = torch.compile(lambda f, m, p: medmap_fast.anchor_align(f, m, p, reduction="none", backend="cpu"),
+                       backend="aot_eager", fullgraph=True)
+    per_bk = fn(feats, mask, pi)
+    assert torch.isnan(per_bk[1, 1:3]).all() and (per_bk[1, [0, 3]] == 0).all()
+    assert torch.isfinite(per_bk[0]).all() and (per_bk[2] == 0).all()
+
+
+@pytest.mark.parametrize("backend", UNDEFINED_BACKENDS)
+def test_mixture_weights_must_have_a_positive_sum(backend):
+    device = require_backend(backend)
+    C = 3
+    nu, lt = torch.zeros(2, C, device=device), torch.zeros(2, C, device=device)
+    mu = torch.randn(5, C, device=device)
+    all_zero = r"pi \(mixture weights\) must have a positive sum, got all zeros \[0\.0, 0\.0\]"
+    with pytest.raises(ValueError, match=all_zero):
+        medmap_fast.gaussian_kl(mu, nu=nu, logtau2=lt, pi=torch.zeros(2, device=device), backend=backend)
+    with pytest.raises(ValueError, match=r"pi must be finite and non-negative, got -1\.0 at index \(1,\)"):
+        medmap_fast.gaussian_kl(mu, nu=nu, logtau2=lt, pi=torch.tensor([1.0, -1.0], device=device), backend=backend)
+    feats = torch.randn(2, 2, C, 2, 2, 2, device=device)
+    ones = torch.ones(2, 2, device=device)
+    with pytest.raises(ValueError, match=r"pi_mix \(mixture weights\) must have a positive sum, got all zeros"):
+        medmap_fast.moment_matching(feats, ones, target="mixture", nu=nu, logtau2=lt,
+                                    pi_mix=torch.zeros(2, device=device), backend=backend)
+    with pytest.raises(ValueError, match=r"pi_mix must be finite and non-negative, got nan"):
+        medmap_fast.moment_matching(feats, ones, target="mixture", nu=nu, logtau2=lt,
+                                    pi_mix=torch.tensor([float("nan"), 1.0], device=device), backend=backend)
+    # a zero entry is fine (its component drops out), and pi_logits has no such constraint
+    one_zero = torch.tensor([0.0, 2.0], device=device)
+    assert torch.isfinite(medmap_fast.gaussian_kl(mu, nu=nu, logtau2=lt, pi=one_zero, backend=backend))
+    logits = torch.tensor([-30.0, 0.0], device=device)
+    assert torch.isfinite(medmap_fast.gaussian_kl(mu, nu=nu, logtau2=lt, pi_logits=logits, backend=backend))
+    with pytest.raises(ValueError, match=r"pi \(mixture weights\) must have a positive sum"):
+        reference.gaussian_kl(mu.cpu(), None, nu.cpu(), lt.cpu(), torch.zeros(2))
+    with pytest.raises(ValueError, match=r"pi_mix \(mixture weights\) must have a positive sum"):
+        reference.moment_matching(feats.cpu(), ones.cpu(), target="mixture", nu=nu.cpu(), logtau2=lt.cpu(),
+                                  pi_mix=torch.zeros(2))
+
+
+@pytest.mark.parametrize("backend", UNDEFINED_BACKENDS)
+@pytest.mark.parametrize("stacked", [False, True], ids=["list", "stacked"])
+def test_zero_voxels_are_refused(backend, stacked):
+    """A mean over zero voxels is undefined: the same ValueError on every backend, reference included."""
+    device = require_backend(backend)
+    B, M, C = 2, 4, 3
+    for spatial, (c, s) in (((0, 4, 4), (C, 0)), ((4, 0, 2), (C, 0))):
+        st = torch.randn(B, M, C, *spatial, device=device)
+        feats = st if stacked else list(st.unbind(1))
+        mask = torch.ones(B, M, dtype=torch.bool, device=device)
+        # the shape as given: one stacked tensor, or each (B, C, *spatial) tensor of the list
+        shape = tuple(st.shape) if stacked else (B, C, *spatial)
+        calls = {
+            "anchor_align": lambda: medmap_fast.anchor_align(feats, mask, backend=backend),
+            "anchor_align(normal)": lambda: medmap_fast.anchor_align(feats, mask, anchor="normal", backend=backend),
+            "moment_matching": lambda: medmap_fast.moment_matching(feats, mask, backend=backend),
+            "moments": lambda: medmap_fast.ops.moments(feats, mask, with_anchor=True, backend=backend),
+        }
+        words = rf"have C = {c} channel\(s\) and {s} voxel\(s\) per modality: .* undefined"
+        for name, call in calls.items():
+            with pytest.raises(ValueError, match=rf"features of shape {re_shape(shape)} {words}"):
+                call()
+        for call in (lambda: reference.anchor_align(feats, mask), lambda: reference.moment_matching(feats, mask)):
+            with pytest.raises(ValueError, match=rf"features of shape {re_shape(st.shape)} {words}"):
+                call()
+    # no channel is refused too; an empty batch is not (no statistic is asked for)
+    with pytest.raises(ValueError, match=r"C = 0 channel\(s\)"):
+        medmap_fast.anchor_align(torch.randn(B, M, 0, 2, 2, 2, device=device), mask, backend=backend)
+    empty = torch.randn(0, M, C, 0, 4, 4, device=device)
+    none = torch.ones(0, M, dtype=torch.bool, device=device)
+    assert medmap_fast.anchor_align(empty, none, backend=backend) == 0
+    assert medmap_fast.moment_matching(empty, none, backend=backend) == 0
+
+
+def re_shape(shape):
+    return re.escape(str(tuple(shape)))

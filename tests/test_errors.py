@@ -31,6 +31,15 @@ def _feats(M=3, B=2, C=4, dtype=torch.float32):
         (lambda: _feats(), lambda: torch.ones(2, 3), {"mode": "weighted", "weights": torch.ones(2, 3, dtype=torch.long)}, TypeError, ["weights", "int64"]),
         (lambda: _feats(), lambda: torch.ones(2, 3), {"mode": "mean", "weights": torch.ones(2, 3)}, ValueError, ["weights", "mode='weighted'"]),
         (lambda: _feats(), lambda: torch.ones(2, 3), {"backend": "gpu"}, ValueError, ["backend", "'gpu'", "reference"]),
+        # anchor weights that leave a sample with present modalities no anchor: named, not silently a = 0
+        (lambda: _feats(), lambda: torch.tensor([[1, 1, 0], [0, 1, 1]]), {"mode": "anchor_impute", "weights": torch.tensor([1.0, 0.0, 0.0])},
+         ValueError, ["weights:", "sum to 0 in sample(s) [1] (1 of 2)", "modalities [1, 2] present", "weights = [1.0, 0.0, 0.0]", "Expected a positive weight"]),
+        (lambda: _feats(), lambda: torch.ones(2, 3), {"mode": "anchor_impute", "weights": torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])},
+         ValueError, ["weights:", "sample(s) [1]", "weights[1] = [0.0, 0.0, 0.0]"]),
+        (lambda: _feats(), lambda: torch.ones(2, 3), {"mode": "anchor_impute", "weights": torch.tensor([1.0, -1.0, 1.0])},
+         ValueError, ["weights must be finite and non-negative", "-1.0", "index (1,)"]),
+        (lambda: _feats(), lambda: torch.ones(2, 3), {"mode": "anchor_impute", "weights": torch.tensor([1.0, float("inf"), 1.0])},
+         ValueError, ["weights must be finite and non-negative", "inf", "index (1,)"]),
     ],
 )
 def test_bad_input(features, mask, kwargs, exc, words):
@@ -55,3 +64,10 @@ def test_device_mismatch_meta():
     feats = [torch.empty(2, 4, 3, 4, 5, device="meta") for _ in range(3)]
     with pytest.raises(ValueError, match="mask is on cpu but the features are on meta"):
         medmap_fast.masked_fusion(feats, torch.ones(2, 3))
+
+
+def test_anchor_impute_sample_with_nothing_present_needs_no_weight():
+    feats = _feats()
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0]])
+    out = medmap_fast.masked_fusion(feats, mask, "anchor_impute", torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+    assert torch.isfinite(out).all() and (out[1] == 0).all()

@@ -280,3 +280,71 @@ def test_all_modes_all_masks_exhaustive_small():
             medmap_fast.masked_fusion(feats, mask, mode, w_, backend="cpu"),
             reference.masked_fusion(feats, mask, mode, w_),
         )
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS + ["reference"])
+@pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalized"])
+@pytest.mark.parametrize("per_channel", [False, True], ids=["BM", "BMC"])
+def test_weights_of_missing_modalities_never_reach_the_result(backend, normalize, per_channel):
+    """NaN/inf weights of missing modalities change nothing: not the output, not the feature gradients,
+    and their own gradient is 0, on every backend (the reference included)."""
+    device = require_backend(backend)
+    g = torch.Generator().manual_seed(fresh_seed())
+    B, M, C = 3, 4, 5
+    feats = [torch.randn(B, C, 3, 4, 5, generator=g, dtype=torch.float64) for _ in range(M)]
+    mask = torch.tensor([[1, 0, 1, 1], [0, 1, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    clean = torch.randn(B, M, *((C,) if per_channel else ()), generator=g, dtype=torch.float64)
+    poisoned = clean.clone()
+    bad = torch.tensor([float("nan"), float("inf"), float("-inf")], dtype=torch.float64)
+    missing = (~mask).nonzero().tolist()
+    for i, (b, k) in enumerate(missing):
+        poisoned[b, k] = bad[i % 3]
+    gout = torch.randn(B, C, 3, 4, 5, generator=g, dtype=torch.float64)
+
+    def run(w, fn, dtype, **kw):
+        fs = [f.to(device, dtype).requires_grad_() for f in feats]
+        ww = w.to(device, dtype).requires_grad_()
+        out = fn(fs, mask.to(device), "weighted", ww, normalize, **kw)
+        grads = torch.autograd.grad(out, fs + [ww], gout.to(device, dtype))
+        return [out.detach().cpu()] + [t.cpu() for t in grads]
+
+    kw = {} if backend == "reference" else {"backend": backend}
+    ours = run(poisoned, medmap_fast.masked_fusion if kw else reference.masked_fusion, torch.float32, **kw)
+    same_input_clean = run(clean, medmap_fast.masked_fusion if kw else reference.masked_fusion, torch.float32, **kw)
+    exact = run(clean, reference.masked_fusion, torch.float64)
+    for i, (a, c, e) in enumerate(zip(ours, same_input_clean, exact)):
+        assert torch.isfinite(a).all(), f"output/grad {i} not finite"
+        if i < len(ours) - 1:
+            assert torch.equal(a, c), f"output/grad {i}: the missing weights' values changed the result"
+        torch.testing.assert_close(a.double(), e, rtol=2e-5, atol=2e-5)
+    w_grad = ours[-1]
+    assert (w_grad[~mask] == 0).all(), "a missing modality's weight got a gradient"
+    torch.testing.assert_close(w_grad[mask], same_input_clean[-1][mask])
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_fuse_sum_kernels_ignore_coefficients_of_missing_modalities(backend):
+    """The kernels' own contract, under the op layer's zeroing: out sums present modalities only."""
+    from medmap_fast.ops import _backends
+
+    device = require_backend(backend)
+    g = torch.Generator().manual_seed(fresh_seed())
+    B, M, C, S = 2, 3, 4, 50
+    present = torch.tensor([[1, 0, 1], [0, 1, 1]], dtype=torch.bool, device=device)
+    feats = [torch.randn(B, C, S, generator=g).to(device) for _ in range(M)]
+    coef = torch.rand(B, M, C, generator=g).to(device)
+    zeroed = torch.where(present.unsqueeze(-1), coef, 0.0)
+    nan_coef = torch.where(present.unsqueeze(-1), coef, float("nan"))
+    grad = torch.randn(B, C, S, generator=g).to(device)
+    k = _backends.kernels(backend)
+    results = []
+    for c in (zeroed, nan_coef):
+        out = torch.full((B, C, S), float("nan"), device=device)
+        k.fuse_sum_fwd(feats, c, present, out)
+        gf = [torch.full((B, C, S), float("nan"), device=device) for _ in range(M)]
+        gc = torch.full((B, M, C), float("nan"), device=device)
+        k.fuse_sum_bwd(grad, feats, c, present, gf, gc)
+        results.append([out, *gf, gc])
+    for a, b in zip(*results):
+        assert torch.isfinite(b).all()
+        assert torch.equal(a, b)

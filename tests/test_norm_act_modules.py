@@ -204,3 +204,39 @@ def test_state_dict_loads_into_plain_sequential_with_names():
     ))
     plain.load_state_dict(fused.state_dict())
     fused.load_state_dict(plain.state_dict())
+
+
+@pytest.mark.parametrize("D", [8, 5])  # D == C once: a layout mix-up would then pass the weight's shape check
+def test_unbatched_input_is_one_sample_as_in_torch(D):
+    seed = fresh_seed()
+    plain = _randomise(nn.Sequential(nn.Conv3d(4, 8, 3, padding=1), nn.InstanceNorm3d(8, affine=True),
+                                     nn.LeakyReLU(0.01)), seed)
+    fused = ConvNormAct3d(4, 8)
+    fused.load_state_dict(plain.state_dict())
+    x = torch.randn(4, D, 6, 7, generator=torch.Generator().manual_seed(seed))
+    _assert_same(plain, fused, x)
+    converted = convert(copy.deepcopy(plain))
+    _assert_same(plain, converted, x)
+    torch.testing.assert_close(fused(x), fused(x.unsqueeze(0))[0], atol=0, rtol=0)
+    # the residual block (residual added inside the fused norm) and the pre-activation block too
+    res = _randomise(ResidualBlock3d(4, 6, stride=2), seed)
+    torch.testing.assert_close(res(x), res(x.unsqueeze(0))[0], atol=0, rtol=0)
+    pre = _randomise(NormActConv3d(4, 3), seed)
+    torch.testing.assert_close(pre(x), pre(x.unsqueeze(0))[0], atol=0, rtol=0)
+
+
+def test_unbatched_rank_rules():
+    for norm, dims in ((nn.InstanceNorm1d(3), 1), (nn.InstanceNorm2d(3), 2), (nn.InstanceNorm3d(3), 3)):
+        fused = convert(norm)
+        assert fused.spatial_dims == dims
+        x = torch.randn(3, *[5] * dims)
+        torch.testing.assert_close(fused(x), norm(x), **TOL)
+        with pytest.raises(ValueError, match=rf"{dims + 2}-D \(B, C, \*spatial\).*got a {dims}-D"):
+            fused(torch.randn(*[3] * dims))
+    # GroupNorm has no unbatched form in torch; the fused module keeps that contract
+    assert convert(nn.GroupNorm(1, 3)).spatial_dims is None
+    with pytest.raises(ValueError, match="spatial_dims"):
+        FusedNormAct(4, spatial_dims=0)
+    with pytest.raises(ValueError, match="unsqueeze"):
+        import medmap_fast
+        medmap_fast.norm_act(torch.randn(4, 8, 6, 6), torch.ones(4))

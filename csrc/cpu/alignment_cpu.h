@@ -23,6 +23,8 @@
 //    of threads or on scheduling (fixed chunking and a fixed combine order,
 //    no atomics on floats), so two runs give bitwise-equal results.
 //  * Empty extents (B, C or S = 0) are legal: sums are 0, nothing is read.
+//    Means over S = 0 voxels are undefined: the ops refuse such features
+//    before any kernel runs, so the 0 a kernel leaves there is never used.
 
 #include <optional>
 

@@ -15,7 +15,9 @@
 namespace medmap_fast::cpu {
 
 // out[b,c,s] = sum over present k (ascending) of coef[b,k,c] * feats[k][b,c,s],
-// accumulated in float (double for float64) and rounded once.
+// accumulated in float (double for float64) and rounded once. The coef of an
+// absent modality is not used either (it may be NaN, e.g. a weight computed
+// from that modality's garbage features): it must not turn the sum into NaN.
 void fuse_sum_fwd(
     at::TensorList feats,
     const at::Tensor& coef,

@@ -66,7 +66,8 @@ struct FusionShape {
 //              coef[b,k,c] * feats[k][b,c,s]
 // Accumulates in float (double for float64) with separately rounded multiply
 // and add (no FMA contraction), rounding once into out. Absent modalities are
-// never read; a sample with no modality present gets 0.
+// never read, their coef included (it may be NaN); a sample with no modality
+// present gets 0.
 cudaError_t launch_fuse_sum_fwd(DType dtype, const FusionShape& shape,
                                 const TensorPack& feats, const void* coef,
                                 const uint8_t* present,

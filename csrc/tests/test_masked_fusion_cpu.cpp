@@ -695,6 +695,40 @@ void run_edge_tests(Results& res, std::mt19937& rng) {
     }
     res.check(ok, "bwd without grad_coef accepts an empty feats list");
   }
+  // The coefficients of absent modalities are never used: NaN there (a weight
+  // computed from that modality's garbage) must leave every output as with 0.
+  {
+    const int64_t B = 2, M = 3, C = 4, S = 37;
+    const at::Tensor present = at::tensor({1, 0, 1, 0, 1, 1}).to(at::kBool).view({B, M});
+    const at::Tensor absent = present.logical_not().unsqueeze(-1);
+    const at::Tensor coef0 = at::where(absent, 0.0f, at::rand({B, M, C}));
+    const at::Tensor coefn = at::where(absent, static_cast<float>(nan_value()), coef0);
+    const at::Tensor grad = at::rand({B, C, S});
+    std::vector<at::Tensor> feats;
+    for (int64_t k = 0; k < M; ++k) {
+      feats.push_back(at::rand({B, C, S}));
+    }
+    std::vector<at::Tensor> outs[2];
+    int i = 0;
+    for (const at::Tensor& coef : {coef0, coefn}) {
+      at::Tensor out = at::full({B, C, S}, nan_value());
+      mf::fuse_sum_fwd(feats, coef, present, out);
+      std::vector<at::Tensor> gfs;
+      for (int64_t k = 0; k < M; ++k) {
+        gfs.push_back(at::full({B, C, S}, nan_value()));
+      }
+      at::Tensor gc = at::full({B, M, C}, nan_value());
+      mf::fuse_sum_bwd(grad, feats, coef, present, gfs, gc);
+      outs[i] = {out, gc};
+      outs[i].insert(outs[i].end(), gfs.begin(), gfs.end());
+      ++i;
+    }
+    bool ok = true;
+    for (size_t j = 0; j < outs[0].size(); ++j) {
+      ok = ok && bitwise_equal(outs[0][j], outs[1][j]) && outs[1][j].isfinite().all().item<bool>();
+    }
+    res.check(ok, "NaN coefficients of absent modalities change no output");
+  }
   // Empty extents.
   {
     const int64_t B = 2, M = 3, C = 4;

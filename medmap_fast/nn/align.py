@@ -61,7 +61,10 @@ class MedMAPAlign(nn.Module):
         loss: ``"kl"`` (default; ``"mixture_kl"`` for the mixture anchor), ``"mixture_kl"`` or ``"moments"``.
         weight: lambda, the factor on the returned loss.
         sigma2: the variance of the point features' Gaussians (``"kl"``, ``"mixture_kl"``).
-        pi: the fixed anchor's weights over modalities, (M,) (``anchor="fixed"``; uniform by default).
+        pi: the fixed anchor's weights over modalities, (M,) (``anchor="fixed"``; uniform by default),
+            non-negative with a positive sum. Zeros are allowed, but a sample whose present
+            modalities all have weight 0 has no anchor: ``forward`` then raises a ValueError naming
+            the sample (it is never silently aligned to a = 0 instead).
         num_components: J for the mixture anchor.
         detach_anchor: stop the gradient through the anchor (P_mix anchors).
         eps: variance floor of ``"moments"``.
@@ -172,7 +175,8 @@ class MedMAPAlign(nn.Module):
 
         Returns:
             The loss (float32; float64 for float64 features), or an :class:`AlignOutput` when
-            ``return_anchor`` or ``return_imputed`` is set.
+            ``return_anchor`` or ``return_imputed`` is set. Features with no voxel (and B > 0) raise
+            a ValueError, whichever the loss.
         """
         feats = features if isinstance(features, Tensor) else list(features)
         M = feats.shape[1] if isinstance(feats, Tensor) else len(feats)
@@ -181,6 +185,11 @@ class MedMAPAlign(nn.Module):
             raise ValueError(
                 f"features: expected M={self.num_modalities} modalities of C={self.channels} channels, got M={M}, C={C}"
             )
+        if C is not None:
+            # every loss (mixture_kl's too) is a mean over the voxels: without any, one error whichever the loss
+            shape = feats[0].shape if not isinstance(feats, Tensor) else feats.shape
+            spatial = shape[2:] if not isinstance(feats, Tensor) else shape[3:]
+            _checks.check_voxels(shape, shape[0], C, math.prod(spatial))
         if logvar is not None and self.loss != "mixture_kl":
             raise ValueError(f"logvar is only used by loss='mixture_kl', got loss={self.loss!r}")
         if self.check_finite:

@@ -34,8 +34,10 @@ def _same_padding(kernel_size: Size3, dilation: Size3):
 
 
 def _norm_kwargs(norm, num_groups, activation, negative_slope, eps, backend):
+    # spatial_dims=3: an unbatched (C, D, H, W) volume, which nn.Conv3d accepts, is normalised as one
+    # sample (as nn.InstanceNorm3d does) instead of being read as a batch of C.
     return dict(norm=norm, num_groups=num_groups, activation=activation, negative_slope=negative_slope, eps=eps,
-                backend=backend)
+                backend=backend, spatial_dims=3)
 
 
 class ConvNormAct3d(nn.Sequential):

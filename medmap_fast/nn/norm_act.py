@@ -18,6 +18,12 @@ class FusedNormAct(nn.Module):
     Its parameters are ``weight`` and ``bias`` (C,), initialised to 1 and 0, exactly those of
     ``nn.InstanceNorm3d(C, affine=True)`` or ``nn.GroupNorm(G, C)``, so state dicts load both ways.
     ``forward(x, residual=None)``: see :func:`medmap_fast.norm_act`.
+
+    ``spatial_dims``: the number of spatial dims the module is for (3 for volumes), as
+    ``nn.InstanceNorm3d`` knows it. With it, an input of ``spatial_dims + 1`` dims is read as one
+    unbatched sample (C, *spatial), as torch's instance norms read it, and an input of any other rank
+    but ``spatial_dims + 2`` is refused. Without it (None) every input is (B, C, *spatial), as for
+    ``nn.GroupNorm`` and the functional op.
     """
 
     def __init__(
@@ -31,10 +37,14 @@ class FusedNormAct(nn.Module):
         affine: bool = True,
         residual_position: str = "before_activation",
         backend: Optional[str] = None,
+        spatial_dims: Optional[int] = None,
     ):
         super().__init__()
         if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
             raise ValueError(f"num_channels must be a positive integer, got {num_channels!r}")
+        if spatial_dims is not None and (isinstance(spatial_dims, bool) or not isinstance(spatial_dims, int)
+                                         or spatial_dims < 1):
+            raise ValueError(f"spatial_dims must be a positive integer or None, got {spatial_dims!r}")
         # Validate once here, with a small probe, so that a bad configuration fails at construction.
         probe = torch.zeros(1, num_channels, 1)
         _check_inputs(probe, None, None, norm, num_groups, activation, negative_slope, None,
@@ -48,6 +58,7 @@ class FusedNormAct(nn.Module):
         self.affine = affine
         self.residual_position = residual_position
         self.backend = backend
+        self.spatial_dims = spatial_dims
         if affine:
             self.weight = nn.Parameter(torch.ones(num_channels))
             self.bias = nn.Parameter(torch.zeros(num_channels))
@@ -56,17 +67,40 @@ class FusedNormAct(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        return norm_act(
+        unbatched = self._unbatched(x)
+        if unbatched:
+            # The statistics of one sample over its own voxels, exactly as a batch of one.
+            x = x.unsqueeze(0)
+            if isinstance(residual, Tensor):
+                if residual.dim() != x.dim() - 1:
+                    raise ValueError(f"residual must have x's shape {tuple(x.shape[1:])}, "
+                                     f"got {tuple(residual.shape)}")
+                residual = residual.unsqueeze(0)
+        y = norm_act(
             x, self.weight, self.bias, norm=self.norm, num_groups=self.num_groups, activation=self.activation,
             negative_slope=self.negative_slope, residual=residual, eps=self.eps, backend=self.backend,
             residual_position=self.residual_position,
+        )
+        return y.squeeze(0) if unbatched else y
+
+    def _unbatched(self, x) -> bool:
+        """Whether ``x`` is one sample without its batch dim; refuses ranks this module is not for."""
+        n = getattr(self, "spatial_dims", None)  # modules pickled before the attribute existed: batched only
+        if n is None or not isinstance(x, Tensor) or x.dim() == n + 2:
+            return False
+        if x.dim() == n + 1:
+            return True
+        raise ValueError(
+            f"x must be a {n + 2}-D (B, C, *spatial) or, unbatched, a {n + 1}-D (C, *spatial) tensor for a module "
+            f"with spatial_dims={n}, got a {x.dim()}-D tensor of shape {tuple(x.shape)}"
         )
 
     def extra_repr(self) -> str:
         groups = f", num_groups={self.num_groups}" if self.norm == "group" else ""
         slope = f", negative_slope={self.negative_slope}" if self.activation == "leaky_relu" else ""
+        dims = f", spatial_dims={self.spatial_dims}" if self.spatial_dims is not None else ""
         return (f"{self.num_channels}, norm={self.norm!r}{groups}, activation={self.activation!r}{slope}, "
-                f"eps={self.eps}, affine={self.affine}")
+                f"eps={self.eps}, affine={self.affine}{dims}")
 
     @classmethod
     def from_modules(cls, norm: nn.Module, activation: Optional[nn.Module] = None, backend: Optional[str] = None):
@@ -84,7 +118,10 @@ class FusedNormAct(nn.Module):
             fused = cls(norm.num_channels, "group", norm.num_groups, act, slope, norm.eps, norm.affine,
                         backend=backend)
         else:
-            fused = cls(norm.num_features, "instance", None, act, slope, norm.eps, norm.affine, backend=backend)
+            # torch's instance norms take unbatched input (one rank less); the fused module does the same.
+            dims = _INSTANCE_NORMS.index(type(norm)) + 1 if type(norm) in _INSTANCE_NORMS else None
+            fused = cls(norm.num_features, "instance", None, act, slope, norm.eps, norm.affine, backend=backend,
+                        spatial_dims=dims)
         if norm.affine:
             fused.weight, fused.bias = norm.weight, norm.bias
         return fused.train(norm.training)

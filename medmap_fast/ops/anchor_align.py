@@ -112,13 +112,20 @@ def _(feats, coef, present, stacked, backend):
 # ----------------------------------------------------------------------------------------------
 
 
-def check_pi(pi, B: int, M: int, device: torch.device):
-    return _checks.check_weights_vector(pi, [(M,), (B, M)], "pi", device, "mixture weights over the modalities")
+def check_pi(pi, present: Tensor, device: torch.device, name: str = "pi"):
+    """The anchor's weights over the modalities against the (B, M) bool mask ``present``: shape, dtype,
+    device, then the values (finite, non-negative, a positive weight on some present modality of every
+    sample that has one) with a single read-back of a (B, M) reduction."""
+    B, M = present.shape
+    _checks.check_weights_vector(pi, [(M,), (B, M)], name, device, "mixture weights over the modalities", values=False)
+    _checks.check_anchor_weights(pi, present, name)
+    return pi
 
 
 def anchor_coefficients(present: Tensor, pi: Optional[Tensor], channels: int, dtype: torch.dtype) -> Tensor:
-    """The (B, M, C) anchor coefficients m_bk pi_k / sum_j m_bj pi_j, differentiable in pi."""
-    w = reference.anchor_weights(present, pi, dtype)
+    """The (B, M, C) anchor coefficients m_bk pi_k / sum_j m_bj pi_j, differentiable in pi (validated
+    by :func:`check_pi`)."""
+    w = reference.anchor_weights_unchecked(present, pi, dtype)
     return w.unsqueeze(-1).expand(*w.shape, channels).contiguous()
 
 
@@ -164,9 +171,14 @@ def anchor_align(
         features: one (B, M, C, *spatial) tensor or a list of M (B, C, *spatial) tensors (read in
             place); float32/float16/bfloat16/float64, NCDHW or channels_last_3d.
         mask: (B, M) availability, bool or 0/1.
-        pi: mixture weights over the modalities, (M,) or (B, M), non-negative (they are renormalised
-            over each sample's present modalities); None for uniform. Pass ``softmax(theta)`` for
-            the learned anchor P*_mix: the gradient reaches theta.
+        pi: mixture weights over the modalities, (M,) or (B, M), finite and non-negative (they are
+            renormalised over each sample's present modalities); None for uniform. Pass
+            ``softmax(theta)`` for the learned anchor P*_mix: the gradient reaches theta. A sample
+            with a modality present but weight 0 on all of its present modalities has no anchor:
+            a ValueError names it (and its weights) rather than silently aligning it to a = 0.
+            Checking this reads one (B, M) reduction back to the host (a sync on CUDA; skipped
+            under torch.compile, where such a sample gives NaN). For a fallback of your own, pass
+            (B, M) weights, e.g. uniform for such samples.
         anchor: ``"mix"`` or ``"normal"``.
         sigma2: the Gaussians' variance: a positive number, or a () or (C,) tensor (may require grad).
         detach_anchor: stop the gradient through the anchor (then pi gets no gradient).
@@ -180,16 +192,19 @@ def anchor_align(
     Returns:
         The loss, float32 (float64 for float64 features); with ``return_anchor``, (loss, anchor).
         A sample with no modality present adds nothing (and gets zero gradient), never NaN.
+        Features with no voxel (or no channel) are refused with a ValueError on every backend: the
+        mean over them is undefined (an empty batch, B = 0, is fine and gives 0).
     """
     feats, stacked = _checks.modality_list(features)
     ref = feats[0]
     B, M, C, S = feature_geometry(feats, stacked)
+    _checks.check_voxels(ref.shape, B, C, S)
     present = _checks.check_mask(mask, B, M, ref.device)
     _checks.check_choice(anchor, ANCHORS, "anchor")
     _checks.check_reduction(reduction)
-    pi = check_pi(pi, B, M, ref.device)
     if anchor == "normal" and pi is not None:
         raise ValueError("pi is only used by anchor='mix'; anchor='normal' has a = 0")
+    pi = check_pi(pi, present, ref.device)
     _checks.check_positive(sigma2, "sigma2", C, ref.device)
     if check_finite:
         _checks.check_finite_modalities(feats, stacked, present)
@@ -236,10 +251,11 @@ def _as_acc(sigma2, acc: torch.dtype, device: torch.device) -> Tensor:
 
 def anchor_tensor(features, mask, pi, anchor: str = "mix", backend: Optional[str] = None) -> Tensor:
     """The anchor (B, C, *spatial), differentiable: a weighted fusion with the anchor weights
-    (``anchor="mix"``), or zeros (``"normal"``)."""
+    (``anchor="mix"``), or zeros (``"normal"``). ``pi`` must already have passed :func:`check_pi`
+    against this mask (the callers' loss did): checked again here, it would cost a second device sync."""
     feats, stacked = _checks.modality_list(features)
     mods = _modalities(feats, stacked)
     if anchor == "normal":
         return torch.zeros_like(mods[0])
-    w = reference.anchor_weights((mask != 0), pi, acc_dtype(mods[0].dtype))
+    w = reference.anchor_weights_unchecked((mask != 0), pi, acc_dtype(mods[0].dtype))
     return masked_fusion(features, mask, "weighted", w, normalize=False, backend=backend)

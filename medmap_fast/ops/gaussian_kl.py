@@ -160,13 +160,18 @@ def _rows(mu: Tensor, logvar: Tensor, split: Optional[int]) -> Tuple[Tensor, Ten
 # ----------------------------------------------------------------------------------------------
 
 
-def check_mixture(nu, logtau2, pi, pi_logits, C: int, device: torch.device, required: bool) -> Optional[int]:
-    """Validate a diagonal Gaussian mixture (nu, logtau2 (J, C); pi or pi_logits (J,)); returns J."""
+def check_mixture(
+    nu, logtau2, pi, pi_logits, C: int, device: torch.device, required: bool, pi_name: str = "pi"
+) -> Optional[int]:
+    """Validate a diagonal Gaussian mixture (nu, logtau2 (J, C); pi or pi_logits (J,)); returns J.
+
+    ``pi`` (called ``pi_name`` in errors) must be finite and non-negative with a positive sum: the
+    weights are normalised by their sum, which all zeros leave undefined (the KL would be inf)."""
     if nu is None and logtau2 is None:
         if required:
             raise ValueError("a mixture target needs nu and logtau2 of shape (J, C); got nu=None, logtau2=None")
         if pi is not None or pi_logits is not None:
-            raise ValueError("pi / pi_logits are mixture weights: give nu and logtau2 (J, C) too")
+            raise ValueError(f"{pi_name} / pi_logits are mixture weights: give nu and logtau2 (J, C) too")
         return None
     for name, t in (("nu", nu), ("logtau2", logtau2)):
         if not isinstance(t, Tensor):
@@ -181,9 +186,10 @@ def check_mixture(nu, logtau2, pi, pi_logits, C: int, device: torch.device, requ
         raise ValueError(f"nu and logtau2 must have the same shape (J, C), got {tuple(nu.shape)} and {tuple(logtau2.shape)}")
     J = nu.shape[0]
     if pi is not None and pi_logits is not None:
-        raise ValueError("give the mixture weights as pi or as pi_logits, not both")
+        raise ValueError(f"give the mixture weights as {pi_name} or as pi_logits, not both")
     if pi is not None:
-        _checks.check_weights_vector(pi, [(J,)], "pi", device, "mixture weights")
+        _checks.check_weights_vector(pi, [(J,)], pi_name, device, "mixture weights", values=False)
+        _checks.check_weight_values(pi, pi_name, "mixture weights", positive_sum=True)
     if pi_logits is not None:
         if not isinstance(pi_logits, Tensor) or tuple(pi_logits.shape) != (J,) or not pi_logits.is_floating_point():
             got = tuple(pi_logits.shape) if isinstance(pi_logits, Tensor) else type(pi_logits).__name__
@@ -251,7 +257,9 @@ def gaussian_kl(
 
     * ``nu`` None: to P_N = N(0, I), in closed form 1/2 sum_c (mu^2 + var - 1 - logvar).
     * ``nu``, ``logtau2`` (J, C) (and weights ``pi`` (J,) or ``softmax(pi_logits)``, uniform when
-      neither is given): to the mixture sum_j pi_j N(nu_j, diag exp(logtau2_j)), by the variational
+      neither is given; ``pi`` is normalised by its sum, so it must be finite and non-negative with a
+      positive sum, else a ValueError: all zeros define no mixture; a zero entry drops its
+      component): to the mixture sum_j pi_j N(nu_j, diag exp(logtau2_j)), by the variational
       approximation KL_var = -log sum_j pi_j exp(-KL(q || N(nu_j, tau_j^2))) (Hershey and Olsen
       2007), with a max-shifted log-sum-exp. It lies below sum_j pi_j KL(q || p_j). All mixture
       parameters may require grad.

@@ -179,7 +179,8 @@ torch.library.register_autograd("medmap_fast::zero_concat", _zero_concat_bwd, se
 def fusion_coefficients(
     mode: str, present: Tensor, weights: Optional[Tensor], normalize: bool, channels: int, dtype: torch.dtype
 ) -> Tensor:
-    """The (B, M, C) coefficients of ``fuse_sum`` for modes ``mean`` and ``weighted`` (0 where missing)."""
+    """The (B, M, C) coefficients of ``fuse_sum`` for modes ``mean`` and ``weighted`` (0 where missing,
+    whatever the weight there: NaN and inf included, with a zero gradient into it)."""
     p = present.to(dtype)
     if mode == "mean":
         coef = p / p.sum(dim=1, keepdim=True).clamp_min(1)
@@ -189,13 +190,17 @@ def fusion_coefficients(
         w = w if w.dim() == 3 else w.unsqueeze(-1)
         if normalize:
             w = reference.masked_softmax(w, present)
-        coef = w * p.unsqueeze(-1)
+        # selected, not multiplied by the mask: 0 * NaN would be NaN
+        coef = torch.where(present.unsqueeze(-1), w, torch.zeros((), dtype=dtype, device=w.device))
     return coef.expand(present.shape[0], present.shape[1], channels).contiguous()
 
 
-def _check_weights(weights, mode: str, B: int, M: int, C: int, device: torch.device) -> None:
+def _check_weights(weights, mode: str, present: Tensor, C: int, device: torch.device) -> None:
+    B, M = present.shape
     if mode == "anchor_impute":
-        _checks.check_weights_vector(weights, [(M,), (B, M)], "weights", device, "the anchor's weights pi over the modalities")
+        what = "the anchor's weights pi over the modalities"
+        _checks.check_weights_vector(weights, [(M,), (B, M)], "weights", device, what, values=False)
+        _checks.check_anchor_weights(weights, present, "weights")
         return
     if mode != "weighted":
         if weights is not None:
@@ -236,8 +241,13 @@ def masked_fusion(
             ones), ``"zero_concat"`` (missing ones zeroed, then channel concatenation) or
             ``"anchor_impute"`` (a missing modality takes the per-sample anchor a_b of
             :func:`medmap_fast.anchor_align`, then channel concatenation).
-        weights: for ``"weighted"``: (B, M) or (B, M, C); for ``"anchor_impute"``: the anchor's
-            mixture weights pi, (M,) or (B, M), non-negative, None for uniform. Gradients flow into them.
+        weights: for ``"weighted"``: (B, M) or (B, M, C); the weights of missing modalities are never
+            used (NaN or inf there changes nothing, with or without ``normalize``) and get a zero
+            gradient. For ``"anchor_impute"``: the anchor's mixture weights pi, (M,) or (B, M),
+            finite and non-negative, None for uniform; a sample with a modality present whose
+            present weights sum to 0 has no anchor and raises a ValueError naming it (one (B, M)
+            reduction read back, a sync on CUDA), as in :func:`medmap_fast.anchor_align`.
+            Gradients flow into them.
         normalize: for ``"weighted"``: softmax the weights over the present modalities first.
         backend: ``"triton"``, ``"cuda"``, ``"cpu"``, ``"reference"`` or None (automatic; see
             :mod:`medmap_fast.dispatch`).
@@ -256,7 +266,7 @@ def masked_fusion(
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     present = _checks.check_mask(mask, B, M, ref.device)
-    _check_weights(weights, mode, B, M, C, ref.device)
+    _check_weights(weights, mode, present, C, ref.device)
     name = dispatch.select(
         "masked_fusion", ref.device, backend, lambda n: _backends.reason(n, ref.device, ref.dtype, M)
     )
@@ -277,7 +287,7 @@ def _anchor_impute(feats: List[Tensor], stacked: bool, present: Tensor, pi: Opti
     B, M = present.shape
     mods = _modalities(feats, stacked)
     C = mods[0].shape[1]
-    w = reference.anchor_weights(present, pi, acc)
+    w = reference.anchor_weights_unchecked(present, pi, acc)  # validated by _check_weights
     a = fuse_sum(feats, w.unsqueeze(-1).expand(B, M, C).contiguous(), present, stacked, backend)
     z = zero_concat(feats, present, stacked, backend).unflatten(1, (M, C))
     missing = (~present).to(z.dtype).view(B, M, *([1] * (z.dim() - 2)))

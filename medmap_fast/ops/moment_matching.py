@@ -122,13 +122,17 @@ def moments(
     backend: Optional[str] = None,
 ):
     """Per-(b, k, c) mean and population variance over the voxels, (B, M, C) each (0 for missing
-    modalities); with ``with_anchor``, (B, M + 1, C), the last row being the anchor's (weights ``pi``).
-    Differentiable; float32 statistics for half-precision features."""
+    modalities); with ``with_anchor``, (B, M + 1, C), the last row being the anchor's (weights ``pi``,
+    refused as in :func:`medmap_fast.anchor_align`). Differentiable; float32 statistics for
+    half-precision features. Features with no voxel (or no channel) and B > 0 are refused."""
     feats, stacked = _checks.modality_list(features)
     ref = feats[0]
     B, M, C, S = feature_geometry(feats, stacked)
+    _checks.check_voxels(ref.shape, B, C, S)
     present = _checks.check_mask(mask, B, M, ref.device)
-    pi = check_pi(pi, B, M, ref.device)
+    if pi is not None and not with_anchor:
+        raise ValueError("pi (the anchor's weights over modalities) is only used with with_anchor=True")
+    pi = check_pi(pi, present, ref.device)
     name = dispatch.select("moments", ref.device, backend, lambda n: _backends.reason(n, ref.device, ref.dtype, M))
     return _moments(feats, stacked, present, pi, with_anchor, features, mask, name, S)
 
@@ -143,7 +147,8 @@ def _moments(feats, stacked, present, pi, with_anchor, features, mask, name, S):
         f = torch.where(reference.present_mask(mask, f.dim()), f, torch.zeros((), dtype=f.dtype, device=f.device))
         f = f.reshape(B, M, C, S).to(acc)
         if with_anchor:
-            f = torch.cat([f, reference.anchor(f, mask, pi).unsqueeze(1)], 1)
+            w = reference.anchor_weights_unchecked(present, pi, acc)
+            f = torch.cat([f, (f * w.view(B, M, 1, 1)).sum(1, keepdim=True)], 1)
         mean = f.mean(-1)
         var = ((f - mean.unsqueeze(-1)) ** 2).mean(-1)
         keep = torch.cat([present, present.new_ones((B, f.shape[1] - M))], 1).unsqueeze(-1)
@@ -187,18 +192,24 @@ def moment_matching(
     ``detach_anchor`` stops the gradient through the anchor's moments. Returns float32 (float64 for
     float64 features); a sample with nothing present adds nothing. ``check_finite``: as in
     :func:`medmap_fast.anchor_align`.
+
+    Refused with a ValueError on every backend: ``pi`` as in :func:`medmap_fast.anchor_align` (a
+    sample whose present modalities all have weight 0 has no anchor), ``pi_mix`` that is negative,
+    non-finite or all zero (one read-back each, a sync on CUDA), and features with no voxel (or no
+    channel) and B > 0, whose moments are undefined (an empty batch gives 0).
     """
     feats, stacked = _checks.modality_list(features)
     ref = feats[0]
     B, M, C, S = feature_geometry(feats, stacked)
+    _checks.check_voxels(ref.shape, B, C, S)
     present = _checks.check_mask(mask, B, M, ref.device)
     _checks.check_choice(target, TARGETS, "target")
     _checks.check_reduction(reduction)
-    pi = check_pi(pi, B, M, ref.device)
     if target != "anchor" and pi is not None:
         raise ValueError(f"pi (the anchor's weights over modalities) is only used by target='anchor', got target={target!r}")
+    pi = check_pi(pi, present, ref.device)
     if target == "mixture":
-        check_mixture(nu, logtau2, pi_mix, pi_logits, C, ref.device, required=True)
+        check_mixture(nu, logtau2, pi_mix, pi_logits, C, ref.device, required=True, pi_name="pi_mix")
     elif any(t is not None for t in (nu, logtau2, pi_mix, pi_logits)):
         raise ValueError(f"nu, logtau2, pi_mix and pi_logits are only used by target='mixture', got target={target!r}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
@@ -223,7 +234,7 @@ def moment_matching(
         t_mean = torch.zeros((), dtype=acc, device=ref.device)
         t_sigma = torch.tensor(1.0 + eps, dtype=acc, device=ref.device).sqrt()
     else:
-        t_mean, t_var = reference.mixture_moments(nu.to(acc), logtau2.to(acc), pi_mix, pi_logits)
+        t_mean, t_var = reference.mixture_moments_unchecked(nu.to(acc), logtau2.to(acc), pi_mix, pi_logits)
         t_sigma = (t_var + eps).sqrt()
     per_c = (mu - t_mean) ** 2 + (sigma - t_sigma) ** 2
     zero = torch.zeros((), dtype=acc, device=ref.device)

@@ -139,7 +139,8 @@ def _check_affine(t: Optional[Tensor], name: str, x: Tensor) -> None:
         raise TypeError(f"{name} must be a tensor of shape ({x.shape[1]},) or None, got {type(t).__name__}")
     if t.shape != (x.shape[1],):
         raise ValueError(f"{name} must have shape (C,) = ({x.shape[1]},) for x of shape {tuple(x.shape)}, "
-                         f"got {tuple(t.shape)}")
+                         f"got {tuple(t.shape)}; x is read as (B, C, *spatial): one unbatched sample "
+                         f"(C, *spatial) needs x.unsqueeze(0)")
     _checks._check_float(t, name)
     if t.device != x.device:
         raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all must match")
@@ -180,8 +181,8 @@ def _check_inputs(x, weight, bias, norm, num_groups, activation, negative_slope,
         _checks._check_float(residual, "residual")
         if residual.device != x.device:
             raise ValueError(f"residual is on {residual.device} but x is on {x.device}: all must match")
-    if math.prod(x.shape[2:]) == 0:
-        raise ValueError(f"x must have at least one voxel per sample and channel, got shape {tuple(x.shape)}")
+    if math.prod(x.shape[2:]) == 0 or C == 0:
+        raise ValueError(f"x must have at least one channel and one voxel per sample, got shape {tuple(x.shape)}")
     return activation, groups, slope
 
 
