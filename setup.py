@@ -81,6 +81,8 @@ setup(
         "medmap_fast.nn",
         "medmap_fast.data",
         "medmap_fast.evaluation",
+        "medmap_fast.training",
+        "medmap_fast.models",
         "medmap_fast.kernels",
         "medmap_fast._csrc",
     ],
@@ -89,7 +91,7 @@ setup(
     include_package_data=False,
     # torch is not pinned: keep whatever torch is installed (>= 2.4 for torch.library.custom_op).
     # nibabel reads and writes NIfTI; scipy gives distance transforms (HD95) and smoothing; matplotlib the PNG table.
-    install_requires=["torch>=2.4", "numpy", "ninja", "nibabel>=5", "scipy", "matplotlib"],
+    install_requires=["torch>=2.4", "numpy", "ninja", "nibabel>=5", "scipy", "matplotlib", "tqdm"],
     extras_require={
         "triton": ["triton>=3.6"],
         # the ICBM152 2009a template (shipped inside nilearn) gives the synthetic data real anatomy

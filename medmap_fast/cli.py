@@ -15,12 +15,14 @@ def main(argv=None) -> int:
         "synth": "write a synthetic BraTS-like data set (NIfTI, BraTS folder layout)",
         "predict": "sliding-window inference of a model on BraTS cases; writes segmentation NIfTI files",
         "evaluate": "Dice (and HD95) per region over the 15 modality subsets, or of a folder of predictions",
+        "train": "train a missing-modality model (SLS, KD or DA framework) with the MedMAP alignment",
     }
     # subcommands with options of their own: module whose main(argv) -> int parses them
     with_options = {
         "synth": "medmap_fast.data.synth",
         "predict": "medmap_fast.evaluation.predict",
         "evaluate": "medmap_fast.evaluation.evaluate",
+        "train": "medmap_fast.training.cli",
     }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         p = argparse.ArgumentParser(prog="medmap-fast", description="medmap_fast command line")

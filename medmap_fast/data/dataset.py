@@ -206,7 +206,11 @@ class BraTSDataset(Dataset):
     # -- items --------------------------------------------------------------------------------------------
 
     def __getitem__(self, index: int) -> Dict:
-        rng = self._generator()
+        return self.sample(index, self._generator())
+
+    def sample(self, index: int, rng: np.random.Generator) -> Dict:
+        """Item ``index`` with its crop and augmentation drawn from ``rng``: a trainer that seeds one
+        generator per item gets the same item whichever worker makes it, so a run can be resumed exactly."""
         case = self.load(index)
         image, present, label = case["image"], case["present"], case["label"]
         if self.patch_size is None:

@@ -46,7 +46,7 @@ from ..data.atomic import (OutputPathError, WriteError, atomic_set, atomic_write
 from .loading import load_model
 from .metrics import region_scores
 from .pipeline import (CASE_ERRORS, CaseFailures, InferenceSettings, add_model_args, cli_text, mask_names, run_command,
-                       run_info, segment, settings_from_args)
+                       output_of, run_info, segment, settings_from_args)
 from .report import build_table, format_table, metric_keys, write_cases_csv, write_heatmap, write_json, write_table_csv
 from .subsets import SUBSETS, Subset, parse_subset
 
@@ -191,7 +191,10 @@ def evaluate_model(
     """
     out_dir = check_out(out_dir, save_predictions)
     _remove_leftovers(out_dir)
-    case_dirs = find_cases(data_root)
+    if isinstance(data_root, (list, tuple)):  # the held-out cases of a training run, say
+        case_dirs = [Path(c) for c in data_root]
+    else:
+        case_dirs = find_cases(data_root)
     with atomic_set(out_dir, MARKER) as staged:
         if save_predictions:
             (staged / PREDICTIONS).mkdir()
@@ -201,7 +204,8 @@ def evaluate_model(
             title = f"Dice per modality subset: {len(case_dirs) - len(failures)} cases"
             cfg = {
                 "mode": "model",
-                "data_root": str(Path(data_root).resolve()),
+                "data_root": (str(Path(data_root).resolve()) if not isinstance(data_root, (list, tuple))
+                              else [str(Path(c).resolve()) for c in data_root]),
                 "cases": len(case_dirs),
                 "subsets": [s.name for s in subsets],
                 "hd95": with_hd95,
@@ -457,6 +461,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         settings = settings_from_args(args)
         subsets = _subsets(args.subsets)
         model = load_model(args.model, args.checkpoint, settings.device)
+        settings.output = output_of(model, args.output)
         evaluate_model(model, args.data_root, args.out, settings, subsets, args.hd95, args.save_predictions,
                        config={"model": args.model, "checkpoint": args.checkpoint})
 

@@ -6,6 +6,8 @@
 * a ``.pt2`` file of ``torch.export.save``, loaded with ``torch.export.load(...).module()``: export it in
   eval mode, on the device it will run on, with a dynamic batch dimension (the last call of a volume
   may get fewer windows than ``--batch-size``) or use ``--batch-size 1``; or
+* a checkpoint written by ``medmap-fast train`` (``RUN/best.pt``, ``RUN/last.pt``) or its run folder
+  ``RUN`` (its ``best.pt``): the model is rebuilt from the settings stored in the checkpoint; or
 * a ``package.module:callable`` spec (``callable`` may be dotted, e.g. ``mymodels:Net.small``): the
   module is imported (the current directory is searched too) and the callable is called with no
   arguments; it must return the model.
@@ -90,6 +92,15 @@ def load_model(
     device = torch.device(device)
     path = Path(spec)
     exported = False
+    if path.suffix != ".pt2":
+        from ..training.checkpoint import model_from_checkpoint, run_checkpoint
+
+        trained = run_checkpoint(path)
+        if trained is not None:
+            if checkpoint is not None:
+                raise ValueError(f"--checkpoint does not apply to --model {str(spec)!r}: a checkpoint of "
+                                 "medmap-fast train holds its weights and the settings to rebuild the model")
+            return model_from_checkpoint(trained, device)
     if path.is_file() and path.suffix == ".pt2":
         if checkpoint is not None:
             raise ValueError(

@@ -118,9 +118,9 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     g.add_argument(
         "--output",
         choices=OUTPUTS,
-        default="classes",
+        default=None,
         help="classes: K=4 softmax scores of labels 0,1,2,4 (argmax); regions: K=3 sigmoid scores of "
-        "WT,TC,ET (threshold 0.5, nested) (default classes)",
+        "WT,TC,ET (threshold 0.5, nested) (default: the run's own for a model from medmap-fast train, else classes)",
     )
 
 
@@ -144,8 +144,13 @@ def settings_from_args(args) -> InferenceSettings:
         batch_size=args.batch_size,
         amp=args.amp,
         device=resolve_device(args.device),
-        output=args.output,
+        output=args.output or "classes",
     )
+
+
+def output_of(model, given: Optional[str]) -> str:
+    """The output mode: as given, else the one a model from ``medmap-fast train`` was trained for."""
+    return given or getattr(model, "medmap_output", None) or "classes"
 
 
 def segment(model, image: np.ndarray, mask: np.ndarray, s: InferenceSettings) -> np.ndarray:

@@ -26,7 +26,7 @@ from ..data import MODALITIES, find_cases, load_case, modalities_on_disk, save_s
 from ..data.atomic import OutputPathError, check_output_dir, remove_stale_temporaries
 from .loading import load_model
 from .pipeline import (CASE_ERRORS, CaseFailures, InferenceSettings, add_model_args, cli_text, mask_names,
-                       run_command, segment, settings_from_args)
+                       output_of, run_command, segment, settings_from_args)
 from .subsets import parse_subset
 
 
@@ -128,6 +128,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         case_dirs = find_cases(args.input)
         check_out(args.out, case_dirs, "--out")
         model = load_model(args.model, args.checkpoint, settings.device)
+        settings.output = output_of(model, args.output)
         predict_cases(model, case_dirs, Path(args.out), settings, modalities)
 
     return run_command("medmap-fast predict", body)
