@@ -62,15 +62,22 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     session = getattr(config, "_benchmarksession", None)
     if session is None or not session.benchmarks:
         return
-    from summarize import table
+    from summarize import size_table, size_rows, table
 
+    done = [b for b in session.benchmarks if not b.has_error and b.stats]
     rows = [
         dict(group=b.group, impl=b.extra_info.get("impl", b.name), median=b.stats.median,
              bytes=b.extra_info.get("bytes", 0), peak=b.extra_info.get("peak_bytes"))
-        for b in session.benchmarks
-        if not b.has_error and b.stats
+        for b in done
+        if "op" not in b.extra_info  # test_bench_op_sizes.py has a table of its own
     ]
     dev = bench_device()
-    terminalreporter.section(f"medmap_fast summary on {dev} (medians; fused GB/s vs measured copy bandwidth)")
-    for line in table(rows, _bench.copy_bandwidth(dev)):
-        terminalreporter.write_line(line)
+    if rows:
+        terminalreporter.section(f"medmap_fast summary on {dev} (medians; fused GB/s vs measured copy bandwidth)")
+        for line in table(rows, _bench.copy_bandwidth(dev)):
+            terminalreporter.write_line(line)
+    sized = size_rows((b.extra_info, b.stats.median) for b in done)
+    if sized:
+        terminalreporter.section(f"medmap_fast per-op speed by size on {dev} (medians; fused/eager < 1: fused faster)")
+        for line in size_table(sized):
+            terminalreporter.write_line(line)

@@ -2,7 +2,8 @@
 
     python benchmarks/summarize.py benchmarks/results/cpu-2026-11-23.json
 
-Also used by benchmarks/conftest.py to print the same table at the end of a run.
+Also used by benchmarks/conftest.py to print the same table at the end of a run. Results of
+test_bench_op_sizes.py (op x size x pass) get a table of their own (:func:`size_table`).
 """
 
 import json
@@ -34,10 +35,42 @@ def table(rows, copy_bw):
     return lines
 
 
+def size_table(rows):
+    """rows: dicts with op, size, pass_, fused and reference (median seconds). Returns lines: ms per call
+    and fused / eager (below 1.00 the fused op is faster), ops in the order first seen, sizes ascending."""
+    nan = float("nan")
+    ops = list(dict.fromkeys(r["op"] for r in rows))
+    by_key = {(r["op"], r["size"], r["pass_"]): r for r in rows}
+    lines = [f"{'op':28s} {'size':>5s} {'pass':8s} {'fused ms':>10s} {'eager ms':>10s} {'fused/eager':>11s}"]
+    for op in ops:
+        for size in sorted({r["size"] for r in rows if r["op"] == op}):
+            for pass_ in ("fwd", "fwd_bwd"):
+                r = by_key.get((op, size, pass_))
+                if r is None:
+                    continue
+                fused, ref = r.get("fused", nan), r.get("reference", nan)
+                ratio = fused / ref
+                flag = "  slower" if ratio > 1 else ""
+                lines.append(f"{op:28s} {size:4d}³ {pass_:8s} {fused * 1e3:10.3f} {ref * 1e3:10.3f} "
+                             f"{ratio:11.2f}{flag}")
+    return lines
+
+
+def size_rows(benchmarks):
+    """(op, size, pass_, fused, reference) rows from (extra_info, median) pairs of test_bench_op_sizes.py."""
+    rows = {}
+    for extra, median in benchmarks:
+        if "op" not in extra or "size" not in extra:
+            continue
+        key = (extra["op"], extra["size"], extra["pass_"])
+        rows.setdefault(key, dict(op=key[0], size=key[1], pass_=key[2]))[extra["impl"]] = median
+    return list(rows.values())
+
+
 def rows_from_json(data):
     return [dict(group=b["group"], impl=b["extra_info"].get("impl", b["name"]), median=b["stats"]["median"],
                  bytes=b["extra_info"].get("bytes", 0), peak=b["extra_info"].get("peak_bytes"))
-            for b in data["benchmarks"]]
+            for b in data["benchmarks"] if "op" not in b["extra_info"]]
 
 
 def main(path):
@@ -46,7 +79,12 @@ def main(path):
     info = data["machine_info"].get("medmap_fast", {})
     print(f"{info.get('device', '?')}: torch {info.get('torch')}, triton {info.get('triton')}, "
           f"{data['machine_info'].get('cpu', {}).get('brand_raw', '')}, {data['datetime']}")
-    print("\n".join(table(rows_from_json(data), info.get("copy_bandwidth_GBps", float("nan")) * 1e9)))
+    rows = rows_from_json(data)
+    if rows:
+        print("\n".join(table(rows, info.get("copy_bandwidth_GBps", float("nan")) * 1e9)))
+    sized = size_rows((b["extra_info"], b["stats"]["median"]) for b in data["benchmarks"])
+    if sized:
+        print("\n".join(size_table(sized)))
 
 
 if __name__ == "__main__":

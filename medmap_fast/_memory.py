@@ -20,7 +20,12 @@ import sys
 import torch
 
 _HUGE = 2 << 20
-_MIN_BYTES = 4 << 20
+# Only buffers of 32 MiB or more: glibc always maps those fresh (32 MiB is its largest mmap
+# threshold on 64-bit), so they do fault page by page. Smaller ones usually come from heap memory the
+# process has freed before, already mapped, where the hint and the populate call only cost: measured
+# with a 4 MiB threshold, zero_concat forward + backward at 8³ (4 MiB output) took 1.15 ms against
+# 0.82 ms without the hint, and at 16³ (16 MiB) 3.5 against 2.3 ms.
+_MIN_BYTES = 32 << 20
 _MADV_HUGEPAGE = 14
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14; EINVAL (ignored) before
 
@@ -36,7 +41,7 @@ if sys.platform.startswith("linux"):
 
 
 def prefer_huge_pages(*tensors: torch.Tensor) -> None:
-    """Map freshly allocated, not yet written CPU tensors of at least 4 MiB with huge pages, up front."""
+    """Map freshly allocated, not yet written CPU tensors of at least 32 MiB with huge pages, up front."""
     if _madvise is None:
         return
     for t in tensors:

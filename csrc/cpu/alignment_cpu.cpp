@@ -1066,12 +1066,22 @@ void moments_bwd_impl(
 // that the maths vectorises across rows whatever the input layout; dropped
 // and padding rows are zero-filled (never read) and never written back
 // except as exact zeros. The backward's sums are accumulated per item of
-// kItemBlocks blocks into kLanesG lanes (row i of a block into lane i % 16,
-// the same in the vector and the portable code), folded in a fixed order and
-// combined in item order.
+// gkl_item_blocks(C) blocks into kLanesG lanes (row i of a block into lane
+// i % 16, the same in the vector and the portable code), folded in a fixed
+// order and combined in item order.
 constexpr int64_t kRowBlk = 64;
 constexpr int64_t kItemBlocks = 16;
 constexpr int64_t kLanesG = 16;
+
+// Blocks per parallel chunk (forward) and per item (backward): kItemBlocks for
+// rows of up to 16 channels, fewer for wider rows, so that a chunk holds about
+// the same number of values (16 x 64 x 16) whatever C. With a fixed 16 blocks,
+// rows of C = 256 (a U-Net's 8^3 level: 1024 rows) made one chunk, and the
+// whole op ran on one thread. Depends on the shape only, never on the thread
+// count, so the backward's sums stay deterministic.
+inline int64_t gkl_item_blocks(int64_t C) {
+  return std::clamp<int64_t>(kItemBlocks * 16 / std::max<int64_t>(C, 1), 1, kItemBlocks);
+}
 
 struct GklShape {
   int64_t G, R, C, J, N;
@@ -1530,7 +1540,7 @@ void gkl_fwd_impl(
   A* respp = given(resp) ? resp->mutable_data_ptr<A>() : nullptr;
   const int64_t nblk = divup(g.N, kRowBlk);
   const bool vec = std::is_same_v<A, float> && simd::avx2_available();
-  at::parallel_for(0, nblk, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, nblk, gkl_item_blocks(g.C), [&](int64_t begin, int64_t end) {
     const int64_t cpad = std::max<int64_t>(g.C, 1) * kRowBlk;
     std::vector<A> buf(3 * cpad + std::max<int64_t>(g.J, 1) * kRowBlk + 64);
     const std::vector<A> zeros(g.C + 8, A(0));
@@ -1739,7 +1749,8 @@ void gkl_bwd_impl(
       want_glv ? grad_logvar->stride(2) : 0};
   const bool need_var = want_glv || want_stats;
   const int64_t nblk = divup(g.N, kRowBlk);
-  const int64_t nitems = divup(nblk, kItemBlocks);
+  const int64_t item_blocks = gkl_item_blocks(C);
+  const int64_t nitems = divup(nblk, item_blocks);
   const int64_t pstride = J + 2 * J * C;
   std::vector<A> partial(want_stats ? nitems * pstride : 0);
   const bool vec = std::is_same_v<A, float> && simd::avx2_available();
@@ -1765,8 +1776,8 @@ void gkl_bwd_impl(
       bool keep[kRowBlk];
       for (int64_t it = begin; it < end; ++it) {
         std::fill(s0l, s0l + lanes_n, A(0));
-        const int64_t b1 = std::min(nblk, (it + 1) * kItemBlocks);
-        for (int64_t blk = it * kItemBlocks; blk < b1; ++blk) {
+        const int64_t b1 = std::min(nblk, (it + 1) * item_blocks);
+        for (int64_t blk = it * item_blocks; blk < b1; ++blk) {
           const int64_t n0 = blk * kRowBlk;
           const int64_t nb = std::min(kRowBlk, g.N - n0);
           gather_block(g, mup, lvp, present, n0, nb, mu_t, lv_t, keep, need_var, zrow, vec);

@@ -1145,8 +1145,14 @@ struct Fwd : NormActBase<T> {
     for (int64_t p = 0; p < g.P; ++p) {
       t.mu[p] = t.lane[p] / cnt;
     }
-    for (int64_t r = 1; r < g.R; ++r) {
-      std::copy(t.mu, t.mu + g.P, t.mu + r * g.P);
+    if (g.P == 1) {
+      // One value over the R lanes: a fill, not R - 1 one-element copies
+      // (those were 40% of the forward at 8^3, where chunks are short).
+      std::fill(t.mu + 1, t.mu + g.R, t.mu[0]);
+    } else {
+      for (int64_t r = 1; r < g.R; ++r) {
+        std::copy(t.mu, t.mu + g.P, t.mu + r * g.P);
+      }
     }
     std::fill(t.lane, t.lane + g.L, A(0));
     dev_lanes(vec, g.P == 1, n, g.L, t.lane, xp, t.mu);

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _memory, dispatch, reference
-from . import _backends, _layout
+from . import _backends, _eager, _layout
 from ._layout import acc_dtype
 from .masked_fusion import _grad_buffers, _modalities, masked_fusion
 
@@ -28,7 +28,7 @@ def _sums(coef: Tensor) -> Tensor:
     return coef.new_empty(coef.shape)
 
 
-@torch.library.custom_op("medmap_fast::anchor_sq", mutates_args=())
+@_eager.custom_op("medmap_fast::anchor_sq", mutates_args=())
 def anchor_sq(feats: List[Tensor], coef: Tensor, present: Tensor, stacked: bool, detach: bool, backend: str) -> Tensor:
     """(B, M, C): sum over voxels of (f_k - a)^2 for present k (0 for missing ones)."""
     sq = _sums(coef)
@@ -43,7 +43,7 @@ def _(feats, coef, present, stacked, detach, backend):
     return _sums(coef)
 
 
-@torch.library.custom_op("medmap_fast::anchor_sq_backward", mutates_args=())
+@_eager.custom_op("medmap_fast::anchor_sq_backward", mutates_args=())
 def anchor_sq_backward(
     G: Tensor, feats: List[Tensor], coef: Tensor, present: Tensor, stacked: bool, detach: bool, need_coef_grad: bool,
     backend: str,
@@ -81,14 +81,14 @@ def _backward(ctx, G):
     feats = list(saved[: ctx.n_feats])
     coef, present = saved[ctx.n_feats :]
     need_coef = bool(ctx.needs_input_grad[1]) and not ctx.detach
-    res = anchor_sq_backward(G, feats, coef, present, ctx.stacked, ctx.detach, need_coef, ctx.backend)
+    res = _eager.call(anchor_sq_backward, G, feats, coef, present, ctx.stacked, ctx.detach, need_coef, ctx.backend)
     return list(res[:-1]), (res[-1] if need_coef else None), None, None, None, None
 
 
-torch.library.register_autograd("medmap_fast::anchor_sq", _backward, setup_context=_setup)
+_eager.register_autograd("medmap_fast::anchor_sq", _backward, setup_context=_setup)
 
 
-@torch.library.custom_op("medmap_fast::anchor_sq_with_anchor", mutates_args=())
+@_eager.custom_op("medmap_fast::anchor_sq_with_anchor", mutates_args=())
 def anchor_sq_with_anchor(
     feats: List[Tensor], coef: Tensor, present: Tensor, stacked: bool, backend: str
 ) -> List[Tensor]:
@@ -230,9 +230,9 @@ def anchor_align(
         or (isinstance(sigma2, Tensor) and sigma2.requires_grad)
     )
     if return_anchor and anchor == "mix" and not grad_needed:
-        sq, anchor_out = anchor_sq_with_anchor(feats, coef, present, stacked, name)
+        sq, anchor_out = _eager.call(anchor_sq_with_anchor, feats, coef, present, stacked, name)
     else:
-        sq = anchor_sq(feats, coef, present, stacked, bool(detach_anchor), name)
+        sq = _eager.call(anchor_sq, feats, coef, present, stacked, bool(detach_anchor), name)
     inv = 0.5 / _as_acc(sigma2, acc, ref.device)
     per_bk = (sq * inv).sum(dim=-1) / max(C * S, 1)
     loss = reduce_per_modality(per_bk, present, reduction)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _memory, dispatch, reference
-from . import _backends, _layout
+from . import _backends, _eager, _layout
 
 # ----------------------------------------------------------------------------------------------
 # Custom ops on (G, R, C) row views
@@ -38,7 +38,7 @@ def _resp_like(mu: Tensor, nu: Tensor, want: bool) -> Tensor:
     return torch.empty(shape, dtype=nu.dtype, device=mu.device)
 
 
-@torch.library.custom_op("medmap_fast::gaussian_kl_rows", mutates_args=())
+@_eager.custom_op("medmap_fast::gaussian_kl_rows", mutates_args=())
 def gaussian_kl_rows(
     mu: Tensor, logvar: Tensor, present: Optional[Tensor], nu: Tensor, logtau2: Tensor, logpi: Tensor,
     want_resp: bool, backend: str,
@@ -59,7 +59,7 @@ def _row_grad(t: Tensor, want: bool) -> Tensor:
     return torch.empty(t.shape if want else (0,), dtype=t.dtype, device=t.device)
 
 
-@torch.library.custom_op("medmap_fast::gaussian_kl_rows_backward", mutates_args=())
+@_eager.custom_op("medmap_fast::gaussian_kl_rows_backward", mutates_args=())
 def gaussian_kl_rows_backward(
     w: Tensor, mu: Tensor, logvar: Tensor, present: Optional[Tensor], nu: Tensor, logtau2: Tensor,
     resp: Optional[Tensor], need_mu: bool, need_logvar: bool, need_stats: bool, backend: str,
@@ -107,7 +107,8 @@ def _backward(ctx, grads):
     need_params = any(ctx.needs_input_grad[3:6])
     if g_loss is None:
         g_loss = torch.zeros(mu.shape[:2], dtype=nu.dtype, device=mu.device)
-    grad_mu, grad_lv, stats = gaussian_kl_rows_backward(
+    grad_mu, grad_lv, stats = _eager.call(
+        gaussian_kl_rows_backward,
         g_loss, mu, logvar, present, nu, logtau2, resp, need_mu, need_lv, need_params, ctx.backend
     )
     g_nu = g_lt = g_logpi = None
@@ -119,7 +120,7 @@ def _backward(ctx, grads):
     return (grad_mu if need_mu else None), (grad_lv if need_lv else None), None, g_nu, g_lt, g_logpi, None, None
 
 
-torch.library.register_autograd("medmap_fast::gaussian_kl_rows", _backward, setup_context=_setup)
+_eager.register_autograd("medmap_fast::gaussian_kl_rows", _backward, setup_context=_setup)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,11 +128,29 @@ torch.library.register_autograd("medmap_fast::gaussian_kl_rows", _backward, setu
 # ----------------------------------------------------------------------------------------------
 
 
+def _merges(sizes, strides) -> bool:
+    """Whether dims of these sizes and strides merge into one strided dim: every dim of size > 1 has
+    the stride of the next such dim times that dim's size."""
+    prev = None
+    for n, st in zip(sizes, strides):
+        if n == 1:
+            continue
+        if prev is not None and prev != st * n:
+            return False
+        prev = st
+    return True
+
+
 def _grouped(t: Tensor, split: int) -> Optional[Tensor]:
     """t (..., C) as a (G, R, C) view with G the leading ``split`` dims, or None when the strides forbid it."""
     lead = t.shape[:-1]
     G = math.prod(lead[:split])
     R = math.prod(lead[split:])
+    strides = t.stride()
+    if t.numel() and not (_merges(lead[:split], strides[:split]) and _merges(lead[split:], strides[split:-1])):
+        # Known to fail: asking view() anyway would cost a C++ exception, about 15 µs each on the
+        # 2-core CPU, and _rows tries the splits in turn (60 µs a call for NCDHW features).
+        return None
     try:
         return t.view(G, R, t.shape[-1])
     except RuntimeError:
@@ -317,7 +336,7 @@ def gaussian_kl(
     grad_needed = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (mu, lv, nu, logtau2, pi, pi_logits)
     )
-    loss, _ = gaussian_kl_rows(mu3, lv3, present, nu_a, lt_a, logpi, grad_needed and comps > 1, name)
+    loss, _ = _eager.call(gaussian_kl_rows, mu3, lv3, present, nu_a, lt_a, logpi, grad_needed and comps > 1, name)
     if reduction == "none":
         return loss.reshape(lead)
     total = loss.sum()

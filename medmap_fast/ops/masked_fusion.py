@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _memory, dispatch, reference
-from . import _backends, _layout
+from . import _backends, _eager, _layout
 
 MODES = ("zero_concat", "mean", "weighted", "anchor_impute")
 
@@ -56,7 +56,7 @@ def _grad_buffers(feats: List[Tensor], stacked: bool):
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("medmap_fast::fuse_sum", mutates_args=())
+@_eager.custom_op("medmap_fast::fuse_sum", mutates_args=())
 def fuse_sum(feats: List[Tensor], coef: Tensor, present: Tensor, stacked: bool, backend: str) -> Tensor:
     mods = _modalities(feats, stacked)
     out = _fused_out(mods, mods[0].shape[1])
@@ -71,7 +71,7 @@ def _(feats, coef, present, stacked, backend):
     return _fused_out(mods, mods[0].shape[1])
 
 
-@torch.library.custom_op("medmap_fast::fuse_sum_backward", mutates_args=())
+@_eager.custom_op("medmap_fast::fuse_sum_backward", mutates_args=())
 def fuse_sum_backward(
     grad: Tensor, feats: List[Tensor], coef: Tensor, present: Tensor, stacked: bool, need_coef_grad: bool, backend: str
 ) -> List[Tensor]:
@@ -113,14 +113,14 @@ def _fuse_sum_bwd(ctx, grad):
     feats = list(saved[: ctx.n_feats])
     coef, present = saved[ctx.n_feats :]
     need_coef = bool(ctx.needs_input_grad[1])
-    res = fuse_sum_backward(grad, feats, coef, present, ctx.stacked, need_coef, ctx.backend)
+    res = _eager.call(fuse_sum_backward, grad, feats, coef, present, ctx.stacked, need_coef, ctx.backend)
     return list(res[:-1]), (res[-1] if need_coef else None), None, None, None
 
 
-torch.library.register_autograd("medmap_fast::fuse_sum", _fuse_sum_bwd, setup_context=_fuse_sum_setup)
+_eager.register_autograd("medmap_fast::fuse_sum", _fuse_sum_bwd, setup_context=_fuse_sum_setup)
 
 
-@torch.library.custom_op("medmap_fast::zero_concat", mutates_args=())
+@_eager.custom_op("medmap_fast::zero_concat", mutates_args=())
 def zero_concat(feats: List[Tensor], present: Tensor, stacked: bool, backend: str) -> Tensor:
     mods = _modalities(feats, stacked)
     C = mods[0].shape[1]
@@ -137,7 +137,7 @@ def _(feats, present, stacked, backend):
     return _fused_out(mods, len(mods) * mods[0].shape[1])
 
 
-@torch.library.custom_op("medmap_fast::zero_concat_backward", mutates_args=())
+@_eager.custom_op("medmap_fast::zero_concat_backward", mutates_args=())
 def zero_concat_backward(grad: Tensor, feats: List[Tensor], present: Tensor, stacked: bool, backend: str) -> List[Tensor]:
     grads, grad_views = _grad_buffers(feats, stacked)
     _memory.prefer_huge_pages(*grads)
@@ -165,10 +165,10 @@ def _zero_concat_setup(ctx, inputs, output):
 def _zero_concat_bwd(ctx, grad):
     saved = ctx.saved_tensors
     feats, present = list(saved[: ctx.n_feats]), saved[ctx.n_feats]
-    return zero_concat_backward(grad, feats, present, ctx.stacked, ctx.backend), None, None, None
+    return _eager.call(zero_concat_backward, grad, feats, present, ctx.stacked, ctx.backend), None, None, None
 
 
-torch.library.register_autograd("medmap_fast::zero_concat", _zero_concat_bwd, setup_context=_zero_concat_setup)
+_eager.register_autograd("medmap_fast::zero_concat", _zero_concat_bwd, setup_context=_zero_concat_setup)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,12 +273,12 @@ def masked_fusion(
     if name == "reference":
         return reference.masked_fusion(features, mask, mode, weights, normalize)
     if mode == "zero_concat":
-        return zero_concat(feats, present, stacked, name)
+        return _eager.call(zero_concat, feats, present, stacked, name)
     acc = _layout.acc_dtype(ref.dtype)
     if mode == "anchor_impute":
         return _anchor_impute(feats, stacked, present, weights, acc, name)
     coef = fusion_coefficients(mode, present, weights, normalize, C, acc)
-    return fuse_sum(feats, coef, present, stacked, name)
+    return _eager.call(fuse_sum, feats, coef, present, stacked, name)
 
 
 def _anchor_impute(feats: List[Tensor], stacked: bool, present: Tensor, pi: Optional[Tensor], acc, backend: str) -> Tensor:
@@ -288,7 +288,7 @@ def _anchor_impute(feats: List[Tensor], stacked: bool, present: Tensor, pi: Opti
     mods = _modalities(feats, stacked)
     C = mods[0].shape[1]
     w = reference.anchor_weights_unchecked(present, pi, acc)  # validated by _check_weights
-    a = fuse_sum(feats, w.unsqueeze(-1).expand(B, M, C).contiguous(), present, stacked, backend)
-    z = zero_concat(feats, present, stacked, backend).unflatten(1, (M, C))
+    a = _eager.call(fuse_sum, feats, w.unsqueeze(-1).expand(B, M, C).contiguous(), present, stacked, backend)
+    z = _eager.call(zero_concat, feats, present, stacked, backend).unflatten(1, (M, C))
     missing = (~present).to(z.dtype).view(B, M, *([1] * (z.dim() - 2)))
     return (z + missing * a.unsqueeze(1)).flatten(1, 2)

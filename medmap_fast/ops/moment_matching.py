@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _memory, dispatch, reference
-from . import _backends, _layout
+from . import _backends, _eager, _layout
 from ._layout import acc_dtype
 from .anchor_align import anchor_coefficients, check_pi, feature_geometry, reduce_per_modality
 from .gaussian_kl import check_mixture
@@ -31,7 +31,7 @@ def _moment_shape(coef: Optional[Tensor], present: Tensor, C: int):
     return (B, M + (1 if coef is not None else 0), C)
 
 
-@torch.library.custom_op("medmap_fast::channel_moments", mutates_args=())
+@_eager.custom_op("medmap_fast::channel_moments", mutates_args=())
 def channel_moments(
     feats: List[Tensor], coef: Optional[Tensor], present: Tensor, stacked: bool, backend: str
 ) -> List[Tensor]:
@@ -54,7 +54,7 @@ def _(feats, coef, present, stacked, backend):
     return [present.new_empty(shape, dtype=acc), present.new_empty(shape, dtype=acc)]
 
 
-@torch.library.custom_op("medmap_fast::channel_moments_backward", mutates_args=())
+@_eager.custom_op("medmap_fast::channel_moments_backward", mutates_args=())
 def channel_moments_backward(
     feats: List[Tensor], coef: Optional[Tensor], present: Tensor, mean: Tensor, alpha: Tensor, beta: Tensor,
     stacked: bool, need_coef_grad: bool, backend: str,
@@ -104,13 +104,14 @@ def _backward(ctx, grads):
     g_m2 = torch.zeros_like(mean) if g_m2 is None else g_m2
     need_coef = ctx.has_coef and bool(ctx.needs_input_grad[1])
     # d mean / d x = 1 / S and d m2 / d x = 2 (x - mean): the kernel takes them as alpha + beta (x - mean).
-    res = channel_moments_backward(
+    res = _eager.call(
+        channel_moments_backward,
         feats, coef, present, mean, g_mean / ctx.S, 2 * g_m2, ctx.stacked, need_coef, ctx.backend
     )
     return list(res[:-1]), (res[-1] if need_coef else None), None, None, None
 
 
-torch.library.register_autograd("medmap_fast::channel_moments", _backward, setup_context=_setup)
+_eager.register_autograd("medmap_fast::channel_moments", _backward, setup_context=_setup)
 
 
 def moments(
@@ -155,7 +156,7 @@ def _moments(feats, stacked, present, pi, with_anchor, features, mask, name, S):
         zero = torch.zeros((), dtype=acc, device=ref.device)
         return torch.where(keep, mean, zero), torch.where(keep, var, zero)
     coef = anchor_coefficients(present, pi, C, acc) if with_anchor else None
-    mean, m2 = channel_moments(feats, coef, present, stacked, name)
+    mean, m2 = _eager.call(channel_moments, feats, coef, present, stacked, name)
     return mean, m2 / max(S, 1)
 
 

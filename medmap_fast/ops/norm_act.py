@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _memory, dispatch, reference
-from . import _backends, _layout
+from . import _backends, _eager, _layout
 from ._layout import acc_dtype
 
 NORMS = ("instance", "group")
@@ -38,7 +38,7 @@ def _new_like(x: Tensor) -> Tensor:
     return _layout.empty(x.shape, _layout.channels_last(x), x)
 
 
-@torch.library.custom_op("medmap_fast::norm_act_forward", mutates_args=())
+@_eager.custom_op("medmap_fast::norm_act_forward", mutates_args=())
 def norm_act_forward(
     x: Tensor, weight: Tensor, bias: Tensor, residual: Optional[Tensor], groups: int, slope: float,
     residual_mode: int, eps: float, backend: str,
@@ -64,7 +64,7 @@ def _(x, weight, bias, residual, groups, slope, residual_mode, eps, backend):
     return [_new_like(x), stats, torch.empty_like(stats)]
 
 
-@torch.library.custom_op("medmap_fast::norm_act_backward", mutates_args=())
+@_eager.custom_op("medmap_fast::norm_act_backward", mutates_args=())
 def norm_act_backward(
     dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, residual: Optional[Tensor], mean: Tensor, rstd: Tensor,
     groups: int, slope: float, residual_mode: int, need_dres: bool, backend: str,
@@ -109,7 +109,8 @@ def _backward(ctx, grads):
     if dy is None:
         dy = torch.zeros_like(x)
     need_dres = ctx.residual_mode == 1 and bool(ctx.needs_input_grad[3])
-    dx, dres, dweight, dbias = norm_act_backward(
+    dx, dres, dweight, dbias = _eager.call(
+        norm_act_backward,
         dy, x, weight, bias, residual, mean, rstd, ctx.groups, ctx.slope, ctx.residual_mode, need_dres, ctx.backend
     )
     if ctx.residual_mode == 2 and ctx.needs_input_grad[3]:
@@ -121,7 +122,7 @@ def _backward(ctx, grads):
     return dx, dweight, dbias, dres, None, None, None, None, None
 
 
-torch.library.register_autograd("medmap_fast::norm_act_forward", _backward, setup_context=_setup)
+_eager.register_autograd("medmap_fast::norm_act_forward", _backward, setup_context=_setup)
 
 
 def _check_number(value, name: str, lo: float, strict: bool = False) -> float:
@@ -230,5 +231,5 @@ def norm_act(
     w = weight if weight is not None else torch.ones((C,), dtype=acc, device=x.device)
     b = bias if bias is not None else torch.zeros((C,), dtype=acc, device=x.device)
     mode = _MODES[residual_position] if residual is not None else 0
-    y, _, _ = norm_act_forward(x, w, b, residual, groups, slope, mode, float(eps), name)
+    y, _, _ = _eager.call(norm_act_forward, x, w, b, residual, groups, slope, mode, float(eps), name)
     return y
