@@ -62,14 +62,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     session = getattr(config, "_benchmarksession", None)
     if session is None or not session.benchmarks:
         return
-    from summarize import size_table, size_rows, table
+    from summarize import own_table, size_rows, size_table, step_rows, step_table, table
 
     done = [b for b in session.benchmarks if not b.has_error and b.stats]
     rows = [
         dict(group=b.group, impl=b.extra_info.get("impl", b.name), median=b.stats.median,
              bytes=b.extra_info.get("bytes", 0), peak=b.extra_info.get("peak_bytes"))
         for b in done
-        if "op" not in b.extra_info  # test_bench_op_sizes.py has a table of its own
+        if not own_table(b.extra_info)  # test_bench_op_sizes.py and the training step have tables of their own
     ]
     dev = bench_device()
     if rows:
@@ -80,4 +80,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if sized:
         terminalreporter.section(f"medmap_fast per-op speed by size on {dev} (medians; fused/eager < 1: fused faster)")
         for line in size_table(sized):
+            terminalreporter.write_line(line)
+    steps = step_rows((b.group, b.extra_info, b.stats.median) for b in done)
+    if steps:
+        terminalreporter.section(f"medmap_fast training step on {dev} (medians; peak memory of a step above its "
+                                 "starting state)")
+        for line in step_table(steps):
             terminalreporter.write_line(line)

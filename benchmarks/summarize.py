@@ -3,7 +3,8 @@
     python benchmarks/summarize.py benchmarks/results/cpu-2026-11-23.json
 
 Also used by benchmarks/conftest.py to print the same table at the end of a run. Results of
-test_bench_op_sizes.py (op x size x pass) get a table of their own (:func:`size_table`).
+test_bench_op_sizes.py (op x size x pass) and of test_bench_training_step.py (a whole training step)
+get tables of their own (:func:`size_table`, :func:`step_table`).
 """
 
 import json
@@ -67,10 +68,50 @@ def size_rows(benchmarks):
     return list(rows.values())
 
 
+def step_rows(benchmarks):
+    """Rows of :func:`step_table` from (group, extra_info, median) triples of test_bench_training_step.py."""
+    rows = {}
+    for group, extra, median in benchmarks:
+        if "step" not in extra:
+            continue
+        row = rows.setdefault(group, dict(group=group, model=extra.get("model", ""), variants={}))
+        row["variants"][extra["impl"]] = dict(median=median, peak=extra.get("peak_bytes"),
+                                              state=extra.get("state_bytes"), load=extra.get("load_average"))
+    return list(rows.values())
+
+
+def step_table(rows):
+    """Training steps: ms per step, eager and compiled against fused (above 1: fused is faster), the peak
+    memory of a step above what it starts with (MB), the weights + AdamW state + batch it starts with
+    (fused's, MB), and the highest load average seen at the end of a variant. Returns lines."""
+    nan = float("nan")
+    lines = [f"{'group':34s} {'fused ms':>9s} {'eager ms':>9s} {'compile ms':>10s} {'eager/fused':>11s} "
+             f"{'comp/fused':>10s} {'peak MB: fused':>14s} {'eager':>7s} {'compile':>7s} {'state MB':>8s} {'load':>5s}"]
+    for r in sorted(rows, key=lambda r: r["group"]):
+        v = r["variants"]
+        ms = {k: v[k]["median"] if k in v else nan for k in ("fused", "eager", "compiled")}
+        mb = {k: (v[k]["peak"] if k in v and v[k]["peak"] is not None else nan) / 2**20
+              for k in ("fused", "eager", "compiled")}
+        state = next((x["state"] for x in v.values() if x.get("state") is not None), nan)
+        load = max((x["load"] for x in v.values() if x.get("load") is not None), default=nan)
+        lines.append(f"{r['group']:34s} {ms['fused'] * 1e3:9.1f} {ms['eager'] * 1e3:9.1f} {ms['compiled'] * 1e3:10.1f} "
+                     f"{ms['eager'] / ms['fused']:10.2f}x {ms['compiled'] / ms['fused']:9.2f}x "
+                     f"{mb['fused']:14.1f} {mb['eager']:7.1f} {mb['compiled']:7.1f} {state / 2**20:8.1f} {load:5.1f}")
+    models = sorted({r["model"] for r in rows if r["model"]})
+    if models:
+        lines.append("model: " + "; ".join(models))
+    return lines
+
+
+def own_table(extra):
+    """Results with a table of their own (per-op sizes, training steps), left out of :func:`table`."""
+    return "op" in extra or "step" in extra
+
+
 def rows_from_json(data):
     return [dict(group=b["group"], impl=b["extra_info"].get("impl", b["name"]), median=b["stats"]["median"],
                  bytes=b["extra_info"].get("bytes", 0), peak=b["extra_info"].get("peak_bytes"))
-            for b in data["benchmarks"] if "op" not in b["extra_info"]]
+            for b in data["benchmarks"] if not own_table(b["extra_info"])]
 
 
 def main(path):
@@ -85,6 +126,9 @@ def main(path):
     sized = size_rows((b["extra_info"], b["stats"]["median"]) for b in data["benchmarks"])
     if sized:
         print("\n".join(size_table(sized)))
+    steps = step_rows((b["group"], b["extra_info"], b["stats"]["median"]) for b in data["benchmarks"])
+    if steps:
+        print("\n".join(step_table(steps)))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@
 import pytest
 import torch
 
+import _timing
 import medmap_fast
 from medmap_fast import _bench, reference
 
@@ -37,28 +38,8 @@ def _features(size, layout, device):
 
 
 def _run(benchmark, fn, leaves, device, pass_, group, impl, nbytes, shape):
-    if pass_ == "fwd":
-        def run():
-            with torch.no_grad():
-                out = fn()
-            _bench.synchronize(device)
-            return out
-    else:
-        def run():
-            out = fn()
-            grads = torch.autograd.grad(out, leaves, torch.full_like(out, 0.75))  # grad_output != 1
-            _bench.synchronize(device)
-            return grads
-    benchmark.group = group
-    benchmark.extra_info.update(impl=impl, bytes=nbytes, shape=shape)
-    rounds = 20 if device.type == "cuda" else 7
-    benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=2 if impl == "compiled" else 1)
-    med = benchmark.stats.stats.median
-    benchmark.extra_info.update(GBps=nbytes / med / 1e9, fraction_of_copy=nbytes / med / _bench.copy_bandwidth(device))
-    if pass_ == "fwd_bwd" and (impl != "compiled" or device.type == "cuda"):
-        # On the CPU the peak is counted by a dispatch mode, under which torch.compile would not run
-        # its compiled code: no figure rather than the eager one under the compiled name.
-        benchmark.extra_info["peak_bytes"] = _bench.peak_memory(run, device)
+    run = _timing.runner(fn, leaves, pass_, device, 0.75)  # grad_output != 1
+    _timing.time_op(benchmark, run, device, group, impl, nbytes, shape, peak=pass_ == "fwd_bwd")
 
 
 @pytest.mark.parametrize("impl", ["fused", "reference", "compiled"])

@@ -8,6 +8,7 @@ each output written once (see medmap_fast._bench.fusion_bytes).
 import pytest
 import torch
 
+import _timing
 import medmap_fast
 from medmap_fast import _bench, reference
 
@@ -51,23 +52,7 @@ def test_masked_fusion(benchmark, device, size, mode, layout, pass_, impl):
         fn = lambda: comp(feats, mask, mode, weights)
     grad_out = torch.randn_like(fn().detach())
     leaves = feats + ([w] if weights is not None else [])
-
-    if pass_ == "fwd":
-        def run():
-            with torch.no_grad():
-                out = fn()
-            _bench.synchronize(device)
-            return out
-    else:
-        def run():
-            grads = torch.autograd.grad(fn(), leaves, grad_out)
-            _bench.synchronize(device)
-            return grads
-
+    run = _timing.runner(fn, leaves, pass_, device, grad_out)
     nbytes = _bench.fusion_bytes(mode, B, M, C, size ** 3, 4, pass_ == "fwd_bwd", weights is not None)
-    benchmark.group = f"masked_fusion {mode} {layout} {pass_}"
-    benchmark.extra_info.update(impl=impl, bytes=nbytes, shape=f"B={B} M={M} C={C} {size}^3 fp32")
-    rounds = 20 if device.type == "cuda" else 7
-    benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=2 if impl == "compiled" else 1)
-    med = benchmark.stats.stats.median
-    benchmark.extra_info.update(GBps=nbytes / med / 1e9, fraction_of_copy=nbytes / med / _bench.copy_bandwidth(device))
+    _timing.time_op(benchmark, run, device, f"masked_fusion {mode} {layout} {pass_}", impl, nbytes,
+                    f"B={B} M={M} C={C} {size}^3 fp32")

@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+import _timing
 import medmap_fast
 from medmap_fast import _bench, reference
 from medmap_fast.nn import ConvNormAct3d
@@ -30,18 +31,6 @@ def _dtype(device):
 
 def _layout(t, layout):
     return t.contiguous(memory_format=torch.channels_last_3d) if layout == "channels_last" else t
-
-
-def _time(benchmark, run, device, group, impl, nbytes, shape, peak):
-    benchmark.group = group
-    benchmark.extra_info.update(impl=impl, bytes=nbytes, shape=shape)
-    rounds = 20 if device.type == "cuda" else 7
-    benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=2 if impl == "compiled" else 1)
-    med = benchmark.stats.stats.median
-    benchmark.extra_info.update(GBps=nbytes / med / 1e9, fraction_of_copy=nbytes / med / _bench.copy_bandwidth(device))
-    if peak and (impl != "compiled" or device.type == "cuda"):
-        # CPU peaks are counted by a dispatch mode, under which compiled code does not run.
-        benchmark.extra_info["peak_bytes"] = _bench.peak_memory(run, device)
 
 
 @pytest.mark.parametrize("impl", ["fused", "reference", "compiled"])
@@ -63,19 +52,10 @@ def test_norm_act_op(benchmark, device, size, layout, pass_, impl):
         _compiled.setdefault(key, torch.compile(reference.norm_act, dynamic=False))
         fn = lambda: _compiled[key](x, w, b)  # noqa: E731
     dy = torch.full_like(x, 0.75)  # grad_output != 1
-
-    def run():
-        if pass_ == "fwd":
-            with torch.no_grad():
-                out = fn()
-        else:
-            out = torch.autograd.grad(fn(), [x, w, b], dy)
-        _bench.synchronize(device)
-        return out
-
+    run = _timing.runner(fn, [x, w, b], pass_, device, dy)
     n = x.numel() * x.element_size()
-    _time(benchmark, run, device, f"norm_act {layout} {pass_}", impl, (2 if pass_ == "fwd" else 5) * n,
-          tuple(x.shape), pass_ == "fwd_bwd")
+    _timing.time_op(benchmark, run, device, f"norm_act {layout} {pass_}", impl, (2 if pass_ == "fwd" else 5) * n,
+                    tuple(x.shape), pass_ == "fwd_bwd")
 
 
 def _plain_block(cin, cout):
@@ -114,4 +94,5 @@ def test_conv_block(benchmark, device, size, stage, layout, impl):
         return grads
 
     n = B * C * S**3 * (2 if device.type == "cuda" else 4)
-    _time(benchmark, run, device, f"block {stage} C={C} {layout} fwd_bwd", impl, 5 * n, (B, C, S, S, S), True)
+    _timing.time_op(benchmark, run, device, f"block {stage} C={C} {layout} fwd_bwd", impl, 5 * n, (B, C, S, S, S),
+                    True)

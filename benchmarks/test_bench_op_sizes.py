@@ -35,6 +35,9 @@ import torch
 import medmap_fast
 from medmap_fast import _bench, reference
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _timing  # noqa: E402  (benchmarks/_timing.py, beside this file)
+
 B, M, J = 2, 4, 4
 PASSES = ("fwd", "fwd_bwd")
 OPS = (
@@ -137,20 +140,8 @@ def make_case(op: str, size: int, device: torch.device):
 
 def runner(fn, leaves, pass_: str, device: torch.device):
     """One timed call: the forward under no_grad, or forward + backward (grad_output 0.75, not 1)."""
-    if pass_ == "fwd":
-        def run():
-            with torch.no_grad():
-                out = fn()
-            _bench.synchronize(device)
-            return out
-    else:
-        grad_out = torch.full_like(fn().detach(), 0.75)
-
-        def run():
-            grads = torch.autograd.grad(fn(), leaves, grad_out)
-            _bench.synchronize(device)
-            return grads
-    return run
+    grad_out = None if pass_ == "fwd" else torch.full_like(fn().detach(), 0.75)
+    return _timing.runner(fn, leaves, pass_, device, grad_out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,7 +201,6 @@ def measure(ops=OPS, sizes_=None, passes=PASSES, device=None, log=print):
 def main(argv=None):
     import argparse
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from summarize import size_table
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

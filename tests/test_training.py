@@ -2,6 +2,7 @@
 checkpoints and the run folder, the command line. Exact resume after a kill and DDP are in
 test_training_resume.py."""
 
+import csv
 import json
 import math
 import subprocess
@@ -284,3 +285,53 @@ def test_cli_train_then_resume_rules(tiny_data, tmp_path):
                               "--out", str(tmp_path / "again"), "--quiet", "--final-eval", "false"],
                              capture_output=True, text=True)
     assert cfg_run.returncode == 0, cfg_run.stderr
+
+
+def test_a_run_stopped_by_a_nonfinite_batch_resumes_past_it_with_skip(tiny_data, tmp_path, monkeypatch):
+    cfg = tiny_config(data=str(tiny_data), epochs=3, checkpoint_every=1, final_eval=False, val_every=0)
+    _poison(monkeypatch, at_call=3)
+    with pytest.raises(NonFiniteError):
+        train(cfg, tmp_path / "run", quiet=True)
+    from medmap_fast.training.cli import main as train_cli
+
+    # the poison fires again on the replayed batch: the resumed run must skip it, not stop again
+    _poison(monkeypatch, at_call=1)
+    assert train_cli(["--resume", str(tmp_path / "run"), "--on-nonfinite", "skip", "--num-workers", "0",
+                      "--quiet"]) == 0
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert state["progress"]["skipped"] == 1 and state["progress"]["step"] == state["progress"]["total_steps"]
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
+    assert saved["on_nonfinite"] == "skip"
+
+
+def test_a_new_run_replaces_the_logs_of_one_killed_before_its_first_checkpoint(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.csv").write_text("step,loss\n99,1.0\n")
+    train(tiny_config(data=str(tiny_data), final_eval=False, val_every=0), run, quiet=True)
+    steps = [line.split(",")[0] for line in (run / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps == [str(i) for i in range(1, len(steps) + 1)]
+
+
+def test_the_logged_learning_rate_is_that_of_the_step(tiny_data, tmp_path):
+    cfg = tiny_config(data=str(tiny_data), epochs=2, warmup_steps=2, lr=1e-2, final_eval=False, val_every=0)
+    train(cfg, tmp_path / "run", quiet=True)
+    with open(tmp_path / "run" / "metrics.csv", newline="") as f:
+        lrs = [float(r["lr"]) for r in csv.DictReader(f)]
+    assert lrs[0] == pytest.approx(1e-2 * 1 / 2)  # linear warm-up: step 1 of 2
+
+
+def test_kd_validates_the_teacher_in_its_phase(tiny_data, tmp_path, monkeypatch):
+    from medmap_fast.training.trainer import Trainer
+
+    cfg = tiny_config(data=str(tiny_data), framework="kd", epochs=1, teacher_epochs=1, final_eval=False, val_every=1)
+    seen = []
+    real = Trainer.validate
+
+    def spy(self):
+        seen.append((self.framework.phase, self.framework.validated_model is self.framework.teacher))
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "validate", spy)
+    train(cfg, tmp_path / "run", quiet=True)
+    assert seen == [("teacher", True), ("student", False)]

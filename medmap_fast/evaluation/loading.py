@@ -100,7 +100,7 @@ def load_model(
             if checkpoint is not None:
                 raise ValueError(f"--checkpoint does not apply to --model {str(spec)!r}: a checkpoint of "
                                  "medmap-fast train holds its weights and the settings to rebuild the model")
-            return model_from_checkpoint(trained, device)
+            return model_from_checkpoint(trained[1], device)
     if path.is_file() and path.suffix == ".pt2":
         if checkpoint is not None:
             raise ValueError(

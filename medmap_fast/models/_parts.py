@@ -55,6 +55,29 @@ def check_flag(name: str, value) -> bool:
     return value
 
 
+COMMON_ARGS = ("num_classes", "base_channels", "depth", "max_channels", "deep_supervision", "negative_slope",
+               "fused", "backend")
+
+
+def store_common_args(model: nn.Module, args: Dict[str, object]) -> None:
+    """Check the constructor arguments every model shares (:data:`COMMON_ARGS`, taken from ``args``) and
+    store them on ``model``, with ``model.channels``, the widths of its levels."""
+    model.num_classes = check_positive_int("num_classes", args["num_classes"])
+    model.base_channels = check_positive_int("base_channels", args["base_channels"])
+    model.depth = check_positive_int("depth", args["depth"], minimum=2)
+    model.max_channels = check_positive_int("max_channels", args["max_channels"])
+    model.deep_supervision = check_flag("deep_supervision", args["deep_supervision"])
+    model.negative_slope = check_negative_slope(args["negative_slope"])
+    model.fused = check_flag("fused", args["fused"])
+    model.backend = check_backend(args["backend"])
+    model.channels = level_channels(model.base_channels, model.depth, model.max_channels)
+
+
+def common_config(model: nn.Module) -> Dict[str, object]:
+    """The stored :data:`COMMON_ARGS` of ``model``, for its ``config()``."""
+    return {name: getattr(model, name) for name in COMMON_ARGS}
+
+
 def level_channels(base_channels: int, depth: int, max_channels: int) -> List[int]:
     """Channels of every level: doubled per level from ``base_channels``, capped at ``max_channels``."""
     return [min(base_channels * 2 ** i, max_channels) for i in range(depth)]

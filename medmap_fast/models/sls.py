@@ -16,15 +16,13 @@ from ._parts import (
     Decoder,
     Encoder,
     SegOutput,
-    check_backend,
-    check_flag,
     check_input,
-    check_negative_slope,
     check_positive_int,
+    common_config,
     init_weights,
-    level_channels,
     mask_input,
     presence,
+    store_common_args,
 )
 
 FUSIONS = ("mean", "weighted", "zero_concat", "anchor_impute")
@@ -168,19 +166,11 @@ class SLSNet(nn.Module):
     ):
         super().__init__()
         self.num_modalities = check_positive_int("num_modalities", num_modalities)
-        self.num_classes = check_positive_int("num_classes", num_classes)
-        self.base_channels = check_positive_int("base_channels", base_channels)
-        self.depth = check_positive_int("depth", depth, minimum=2)
-        self.max_channels = check_positive_int("max_channels", max_channels)
+        store_common_args(self, locals())
         if fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
         self.fusion_mode = fusion
         self.align_levels = _check_align_levels(align_levels, depth)
-        self.deep_supervision = check_flag("deep_supervision", deep_supervision)
-        self.negative_slope = check_negative_slope(negative_slope)
-        self.fused = check_flag("fused", fused)
-        self.backend = check_backend(backend)
-        self.channels = level_channels(base_channels, depth, max_channels)
 
         block_backend = backend if fused else None
         op_backend = backend if fused else "reference"
@@ -201,11 +191,8 @@ class SLSNet(nn.Module):
 
     def config(self) -> Dict[str, Any]:
         """The constructor arguments (JSON-serialisable): ``build_model("slsnet", **model.config())``."""
-        return dict(num_modalities=self.num_modalities, num_classes=self.num_classes,
-                    base_channels=self.base_channels, depth=self.depth, max_channels=self.max_channels,
-                    fusion=self.fusion_mode, align_levels=list(self.align_levels),
-                    deep_supervision=self.deep_supervision, negative_slope=self.negative_slope, fused=self.fused,
-                    backend=self.backend)
+        return dict(num_modalities=self.num_modalities, fusion=self.fusion_mode,
+                    align_levels=list(self.align_levels), **common_config(self))
 
     def encode(self, x: Tensor) -> List[List[Tensor]]:
         """Per-level lists of the M modality features (B, C, d, h, w), full resolution first.

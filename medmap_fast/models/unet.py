@@ -10,15 +10,13 @@ from ._parts import (
     Decoder,
     Encoder,
     SegOutput,
-    check_backend,
-    check_flag,
     check_input,
-    check_negative_slope,
     check_positive_int,
+    common_config,
     init_weights,
-    level_channels,
     mask_input,
     presence,
+    store_common_args,
 )
 
 
@@ -63,15 +61,7 @@ class UNet3D(nn.Module):
     ):
         super().__init__()
         self.in_channels = check_positive_int("in_channels", in_channels)
-        self.num_classes = check_positive_int("num_classes", num_classes)
-        self.base_channels = check_positive_int("base_channels", base_channels)
-        self.depth = check_positive_int("depth", depth, minimum=2)
-        self.max_channels = check_positive_int("max_channels", max_channels)
-        self.deep_supervision = check_flag("deep_supervision", deep_supervision)
-        self.negative_slope = check_negative_slope(negative_slope)
-        self.fused = check_flag("fused", fused)
-        self.backend = check_backend(backend)
-        self.channels = level_channels(base_channels, depth, max_channels)
+        store_common_args(self, locals())
 
         block_backend = backend if fused else None
         self.encoder = Encoder(in_channels, self.channels, self.negative_slope, fused, block_backend)
@@ -86,9 +76,7 @@ class UNet3D(nn.Module):
 
     def config(self) -> Dict[str, Any]:
         """The constructor arguments (JSON-serialisable): ``build_model("unet3d", **model.config())``."""
-        return dict(in_channels=self.in_channels, num_classes=self.num_classes, base_channels=self.base_channels,
-                    depth=self.depth, max_channels=self.max_channels, deep_supervision=self.deep_supervision,
-                    negative_slope=self.negative_slope, fused=self.fused, backend=self.backend)
+        return dict(in_channels=self.in_channels, **common_config(self))
 
     def encode(self, x: Tensor) -> List[Tensor]:
         """Encoder features of every level, full resolution first, bottleneck last (x is not masked here)."""

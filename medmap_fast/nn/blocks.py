@@ -19,6 +19,7 @@ from typing import Optional, Sequence, Union
 
 from torch import Tensor, nn
 
+from .conv import Conv3d
 from .norm_act import FusedNormAct
 
 Size3 = Union[int, Sequence[int]]
@@ -66,7 +67,7 @@ class ConvNormAct3d(nn.Sequential):
     ):
         padding = _same_padding(kernel_size, dilation) if padding is None else padding
         super().__init__(OrderedDict([
-            ("0", nn.Conv3d(in_channels, out_channels, kernel_size, stride, padding, dilation, bias=bias)),
+            ("0", Conv3d(in_channels, out_channels, kernel_size, stride, padding, dilation, bias=bias)),
             ("1", FusedNormAct(out_channels, **_norm_kwargs(norm, num_groups, activation, negative_slope, eps,
                                                             backend))),
         ]))
@@ -96,7 +97,7 @@ class NormActConv3d(nn.Sequential):
         super().__init__(OrderedDict([
             ("0", FusedNormAct(in_channels, **_norm_kwargs(norm, num_groups, activation, negative_slope, eps,
                                                            backend))),
-            ("2", nn.Conv3d(in_channels, out_channels, kernel_size, stride, padding, dilation, bias=bias)),
+            ("2", Conv3d(in_channels, out_channels, kernel_size, stride, padding, dilation, bias=bias)),
         ]))
 
 
@@ -129,14 +130,14 @@ class ResidualBlock3d(nn.Module):
         super().__init__()
         padding = _same_padding(kernel_size, 1)
         kw = _norm_kwargs(norm, num_groups, activation, negative_slope, eps, backend)
-        self.conv1 = nn.Conv3d(in_channels, out_channels, kernel_size, stride, padding, bias=bias)
+        self.conv1 = Conv3d(in_channels, out_channels, kernel_size, stride, padding, bias=bias)
         self.norm1 = FusedNormAct(out_channels, **kw)
-        self.conv2 = nn.Conv3d(out_channels, out_channels, kernel_size, 1, padding, bias=bias)
+        self.conv2 = Conv3d(out_channels, out_channels, kernel_size, 1, padding, bias=bias)
         self.norm2 = FusedNormAct(out_channels, **kw)
         strided = stride != 1 and stride != (1, 1, 1) and stride != [1, 1, 1]
         if strided or in_channels != out_channels:
             self.skip = nn.Sequential(OrderedDict([
-                ("0", nn.Conv3d(in_channels, out_channels, 1, stride, 0, bias=False)),
+                ("0", Conv3d(in_channels, out_channels, 1, stride, 0, bias=False)),
                 ("1", FusedNormAct(out_channels, **dict(kw, activation="identity"))),
             ]))
         else:

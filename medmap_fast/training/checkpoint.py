@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -101,38 +101,46 @@ def load_checkpoint(path: Union[str, os.PathLike], map_location: Union[str, torc
         raise ValueError(f"{path}: cannot read it as a medmap_fast training checkpoint ({e})") from e
     if not is_checkpoint(obj):
         raise ValueError(f"{path}: not a medmap_fast training checkpoint (no format {FORMAT!r})")
+    return _checked(obj, path)
+
+
+def _checked(obj: Dict[str, Any], path: Path) -> Dict[str, Any]:
     if obj.get("version", 0) > VERSION:
         raise ValueError(f"{path}: checkpoint version {obj['version']} is newer than this medmap_fast reads ({VERSION})")
     return obj
 
 
-def run_checkpoint(spec: Union[str, os.PathLike]) -> Optional[Path]:
-    """The checkpoint that ``--model`` means, when it names a training run: a run folder (its ``best.pt``,
-    else ``last.pt``) or a checkpoint file; None for anything else."""
+def run_checkpoint(spec: Union[str, os.PathLike]) -> Optional[Tuple[Path, Dict[str, Any]]]:
+    """The checkpoint that ``--model`` means when it names a training run, as (path, contents): a run folder
+    (its ``best.pt``, else ``last.pt``) or a checkpoint file; None for anything else. The file is read once
+    here and the contents are handed on, not read again."""
     path = Path(spec)
     if path.is_dir():
         for name in ("best.pt", "last.pt"):
             if (path / name).is_file():
-                return path / name
+                return path / name, load_checkpoint(path / name)
         return None
     if not path.is_file():
         return None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
+        return None  # not a checkpoint of ours: the caller tries the other model formats
+    if not is_checkpoint(obj):
         return None
-    return path if is_checkpoint(obj) else None
+    return path, _checked(obj, path)
 
 
-def model_from_checkpoint(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu",
-                          fused: Optional[bool] = None) -> torch.nn.Module:
-    """The inference network of a checkpoint, rebuilt from the configuration stored in it, in eval mode.
+def model_from_checkpoint(checkpoint: Union[str, os.PathLike, Dict[str, Any]],
+                          device: Union[str, torch.device] = "cpu", fused: Optional[bool] = None) -> torch.nn.Module:
+    """The inference network of a checkpoint (a path, or the contents :func:`load_checkpoint` returned),
+    rebuilt from the configuration stored in it, in eval mode.
 
     fused: override the stored choice (the weights load into either form).
     """
     from ..models import build_model
 
-    ckpt = load_checkpoint(path)
+    ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
     spec = ckpt["model"]
     config = dict(spec["config"])
     if fused is not None:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from .config import TrainConfig, add_config_args, config_from_args, given_settings, load_config
+from .config import RESUME_OVERRIDES, TrainConfig, add_config_args, config_from_args, given_settings, load_config
 
 PRESETS = {"default": TrainConfig, "small": TrainConfig.small}
 
@@ -16,7 +16,7 @@ PRESETS = {"default": TrainConfig, "small": TrainConfig.small}
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="medmap-fast train",
-        description=__doc__.split(": ", 1)[1].strip().capitalize(),
+        description="Train" + __doc__.split(": train", 1)[1].rstrip(),
         epilog="examples:\n"
                "  medmap-fast train data/ --out runs/sls --preset small --epochs 20\n"
                "  torchrun --nproc-per-node 2 -m medmap_fast.cli train data/ --out runs/ddp\n"
@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("data", nargs="?", metavar="DATA", help="data root of BraTS-style case folders")
     p.add_argument("--out", metavar="RUN", help="run folder to create (config, metrics, curves, checkpoints, eval)")
-    p.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last.pt, with its own settings")
+    p.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last.pt, with its own settings "
+                                                   "(but --on-nonfinite and --num-workers, which may be changed)")
     p.add_argument("--config", metavar="FILE", help="settings as JSON (a run's config.json works); options given "
                                                    "on the command line override them")
     p.add_argument("--preset", choices=tuple(PRESETS), default="default",
@@ -40,15 +41,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from ..data.atomic import OutputPathError
-    from .trainer import NonFiniteError, train
+    from .trainer import train
 
     try:
         if args.resume:
             extra = given_settings(args)
-            if extra or args.config or args.data or (args.out and Path(args.out) != Path(args.resume)):
+            changed = sorted(set(extra) - set(RESUME_OVERRIDES))
+            if changed or args.config or args.data or (args.out and Path(args.out) != Path(args.resume)):
                 raise ValueError("--resume RUN continues with the run's own settings: give no DATA, --out, --config "
-                                 f"or settings with it (got {sorted(extra) or 'DATA/--out/--config'})")
+                                 f"or settings with it but {', '.join('--' + o.replace('_', '-') for o in RESUME_OVERRIDES)}"
+                                 f" (got {changed or 'DATA/--out/--config'})")
             cfg = load_config(Path(args.resume) / "config.json")
+            cfg = TrainConfig.from_json(dict(cfg.to_json(), **extra))
             out, resume = Path(args.resume), True
         else:
             if not args.out:
@@ -61,7 +65,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 raise ValueError("DATA is required: the data root of the training cases")
             out, resume = Path(args.out), False
         result = train(cfg, out, resume=resume, quiet=args.quiet)
-    except (ValueError, OSError, OutputPathError, NonFiniteError) as e:
+    except (ValueError, OSError, OutputPathError, FloatingPointError) as e:  # NonFiniteError among the last
         print(f"medmap-fast train: error: {e}", file=sys.stderr)
         return 1
     if result.table is not None and not args.quiet:

@@ -21,6 +21,11 @@ SCHEDULES = ("poly", "constant")
 ON_NONFINITE = ("error", "skip")
 
 
+#: settings that ``--resume`` may change: neither alters what the run computes (batches are drawn per item,
+#: whatever the number of workers), and a run stopped by a non-finite batch can go on past it with skip
+RESUME_OVERRIDES = ("on_nonfinite", "num_workers")
+
+
 def _field(default, help: str, choices=None, **kw):
     return dataclasses.field(default=default, metadata=dict(help=help, choices=choices, **kw))
 
@@ -61,7 +66,8 @@ class TrainConfig:
     teacher_epochs: int = _field(0, "kd: epochs of the teacher before the student's (0: as many as --epochs)")
     kd_temperature: float = _field(3.0, "kd: temperature T of the logit distillation")
     kd_alpha: float = _field(1.0, "kd: weight of the logit distillation (times T^2)")
-    kd_beta: float = _field(1.0, "kd: weight of the bottleneck feature distillation")
+    kd_beta: float = _field(1.0, "kd: weight of the feature distillation at the aligned level (the bottleneck "
+                                 "by default)")
     # domain adaptation
     adv_weight: float = _field(0.1, "da: gamma, weight of the discriminator loss (through gradient reversal)")
     # optimisation
@@ -79,7 +85,7 @@ class TrainConfig:
     amp: str = _field("auto", "autocast: bf16, fp16 (CUDA, with a gradient scaler), none; auto: bf16 on CUDA and "
                               "on CPUs with native bf16, else none", AMPS)
     compile: bool = _field(False, "torch.compile the networks")
-    channels_last: Optional[bool] = _field(None, "channels_last_3d tensors (default: on CUDA)")
+    channels_last: Optional[bool] = _field(None, "channels_last_3d tensors (default: on CUDA, not on the CPU)")
     seed: int = _field(0, "seed of the weights, the batches and the augmentation")
     device: str = _field("auto", "cpu, cuda, cuda:N or auto")
     on_nonfinite: str = _field("error", "a non-finite loss or gradient: stop with an error, or skip the batch",
@@ -218,7 +224,9 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
         meta = f.metadata
         default = defaults[f.name].default
         kind = type(default) if default is not None else None
-        kw: Dict[str, Any] = dict(default=None, help=f"{meta['help']} (default: {_shown(default)})")
+        # a help text that names its own default (None stands for a computed one) is not given a second
+        shown = "" if "(default" in meta["help"] else f" (default: {_shown(default)})"
+        kw: Dict[str, Any] = dict(default=None, help=meta["help"] + shown)
         if meta.get("choices"):
             kw["choices"] = meta["choices"]
         if "nargs" in meta:

@@ -78,6 +78,18 @@ def modality_specific(net: UNet3D, image: Tensor, level: int) -> Tensor:
     return feats.unflatten(0, (B, M))
 
 
+def _align_full_branch(align: Optional[MedMAPAlign], net: UNet3D, full: Tensor, present: Tensor, level: int,
+                       loss: Tensor, parts: Dict[str, Tensor]) -> Tuple[Tensor, Optional[Tuple[Tensor, Tensor]]]:
+    """``loss`` plus the alignment of the full-modality network's modality-specific features (recorded in
+    ``parts``), and those features with their mask for the modality-gap log; unchanged without alignment."""
+    if align is None:
+        return loss, None
+    feats = modality_specific(net, full, level)
+    term = align(feats, present)
+    parts["align"] = term.detach()
+    return loss + term, (feats.detach(), present)
+
+
 class _GradientReversal(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale: float):
@@ -129,14 +141,16 @@ class Framework(nn.Module):
         raise NotImplementedError
 
     @property
+    def validated_model(self) -> nn.Module:
+        """The network the validation of the current phase scores (the inference model but for kd's teacher)."""
+        return self.inference_model
+
+    @property
     def inference_model_name(self) -> str:
         return "slsnet" if isinstance(self.inference_model, SLSNet) else "unet3d"
 
     def phase_of_epoch(self, epoch: int) -> str:
         return self.phases[0]
-
-    def trainable_in(self, phase: str) -> nn.Module:
-        return self
 
 
 class SLSFramework(Framework):
@@ -186,25 +200,21 @@ class KDFramework(Framework):
     def phase_of_epoch(self, epoch: int) -> str:
         return "teacher" if epoch < self.teacher_epochs else "student"
 
-    def trainable_in(self, phase: str) -> nn.Module:
-        return self.student if phase == "student" else nn.ModuleList([self.teacher] + (
-            [self.align] if self.align is not None else []))
-
     @property
     def inference_model(self) -> nn.Module:
         return self.student
+
+    @property
+    def validated_model(self) -> nn.Module:
+        return self.teacher if self.phase == "teacher" else self.student
 
     def forward(self, image, mask, present, label) -> StepResult:
         full = _masked(image, present)
         if self.phase == "teacher":
             out = self.teacher(full, present, return_all=True)
             seg = _seg(out.logits, label, self.cfg.output)
-            parts, loss, aligned = {"seg": seg.detach()}, seg, None
-            if self.align is not None:
-                feats = modality_specific(self.teacher, full, self.level)
-                align = self.align(feats, present)
-                parts["align"], loss = align.detach(), loss + align
-                aligned = (feats.detach(), present)
+            parts = {"seg": seg.detach()}
+            loss, aligned = _align_full_branch(self.align, self.teacher, full, present, self.level, seg, parts)
             return StepResult(loss, parts, out.logits[0], aligned)
         with torch.no_grad():
             self.teacher.eval()
@@ -246,12 +256,7 @@ class DAFramework(Framework):
                + F.binary_cross_entropy_with_logits(d_missing, torch.zeros_like(d_missing), reduction="none")).mean()
         loss = seg + self.cfg.adv_weight * adv
         parts = {"seg": seg.detach(), "adv": adv.detach()}
-        aligned = None
-        if self.align is not None:
-            feats = modality_specific(self.full, full, self.level)
-            align = self.align(feats, present)
-            parts["align"], loss = align.detach(), loss + align
-            aligned = (feats.detach(), present)
+        loss, aligned = _align_full_branch(self.align, self.full, full, present, self.level, loss, parts)
         return StepResult(loss, parts, out_m.logits[0], aligned)
 
 

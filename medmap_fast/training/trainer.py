@@ -33,7 +33,7 @@ from ..evaluation.pipeline import InferenceSettings, run_info, segment
 from ..evaluation.subsets import SUBSETS
 from ..metrics import modality_gap
 from . import checkpoint as ckpt
-from .config import TrainConfig
+from .config import RESUME_OVERRIDES, TrainConfig
 from .frameworks import Framework, build_framework, modality_specific
 from .losses import hard_dice
 from .sampling import SeededItems, StepSampler, split_cases
@@ -69,8 +69,9 @@ def _distributed() -> tuple:
     if world <= 1:
         return 0, 1, 0
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and os.environ.get("MEDMAP_FAST_DIST_BACKEND") != "gloo" \
-            else "gloo"
+        # NCCL carries the CUDA tensors (gradients); gloo the few CPU ones (the non-finite flags, the logged row)
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() and \
+            os.environ.get("MEDMAP_FAST_DIST_BACKEND") != "gloo" else "gloo"
         dist.init_process_group(backend)
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
 
@@ -91,6 +92,20 @@ def resolve_device(text: str, local_rank: int) -> torch.device:
 
 
 def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 dot products in hardware (x86: AVX-512 BF16 or AMX; arm: BF16).
+
+    oneDNN's own check also answers yes for AVX-512 CPUs without those instructions, where it emulates
+    bf16; so on Linux the CPU flags decide, and oneDNN's check only elsewhere."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            flags = set()
+            for line in f:
+                if line.split(":", 1)[0].strip() in ("flags", "Features"):
+                    flags.update(line.split(":", 1)[1].split())
+        if flags:
+            return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    except OSError:
+        pass
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
@@ -136,12 +151,20 @@ def _optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+#: what a run writes beside its checkpoints; a new run in a folder whose earlier run never reached its first
+#: checkpoint (killed in its first epoch) starts these afresh instead of appending to them
+RUN_LOGS = ("metrics.csv", "validation.csv", "curves.png")
+
+
 def _prepare_run_dir(out: Path, resume: bool) -> None:
     check_output_dir(out, "--out")
     if not resume and (out / "last.pt").exists():
         raise OutputPathError(f"--out {str(out)!r} already holds a training run (last.pt); continue it with "
                               f"--resume {out}, or choose another folder")
     out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        for name in RUN_LOGS:
+            (out / name).unlink(missing_ok=True)
 
 
 def _truncate_csv(path: Path, columns, step: int) -> None:
@@ -230,14 +253,23 @@ class Trainer:
         if resume:
             self._restore()
         if cfg.compile:
-            for module in self.framework.children():
-                if isinstance(module, torch.nn.Module) and any(True for _ in module.parameters()):
-                    module.compile()
+            for module in self._compiled_units():
+                module.compile()
         self.model = self.framework
         if self.world > 1:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.framework, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=len(self.framework.phases) > 1)
+
+    def _compiled_units(self) -> List[torch.nn.Module]:
+        """The modules the framework calls, each compiled on its own: its networks, and the members of its
+        containers (a ModuleDict of alignment modules is never called itself, so compiling it does nothing)."""
+        units = []
+        for module in self.framework.children():
+            members = module.values() if isinstance(module, torch.nn.ModuleDict) else (
+                module if isinstance(module, torch.nn.ModuleList) else [module])
+            units.extend(m for m in members if any(True for _ in m.parameters()))
+        return units
 
     @property
     def total_epochs(self) -> int:
@@ -289,9 +321,9 @@ class Trainer:
     def _restore(self) -> None:
         state = ckpt.load_checkpoint(self.out / "last.pt", map_location="cpu")
         stored = TrainConfig.from_json(state["config"])
-        if stored != self.cfg:
-            diff = {k: (v, getattr(self.cfg, k)) for k, v in dataclasses.asdict(stored).items()
-                    if v != getattr(self.cfg, k)}
+        diff = {k: (v, getattr(self.cfg, k)) for k, v in dataclasses.asdict(stored).items()
+                if v != getattr(self.cfg, k) and k not in RESUME_OVERRIDES}
+        if diff:
             raise ValueError(f"--resume: the settings differ from the run's own ({diff}); resume with the stored "
                              "configuration")
         self.framework.load_state_dict(state["framework_state"])
@@ -367,7 +399,7 @@ class Trainer:
     def validate(self) -> Dict[str, float]:
         """Dice with all modalities and the mean over the 15 subsets on the validation cases, sliding windows;
         and the modality gap of the aligned features on each case's centre crop."""
-        net = self.framework.inference_model
+        net = self.framework.validated_model
         was_training = self.framework.training
         self.framework.eval()
         window = self.cfg.val_window or self.cfg.patch_size
@@ -466,11 +498,11 @@ class Trainer:
             for batch in loader:
                 epoch = self.step // self.steps_per_epoch
                 self.framework.phase = self.epoch_phases[epoch]
+                lr = self.optimizer.param_groups[0]["lr"]  # the rate of this step (the scheduler moves it on)
                 row = self._train_step(batch)
                 self.step += 1
                 now = time.perf_counter()
-                row.update(step=self.step, epoch=epoch + 1, phase=self.framework.phase,
-                           lr=self.optimizer.param_groups[0]["lr"], seconds=now - t_last,
+                row.update(step=self.step, epoch=epoch + 1, phase=self.framework.phase, lr=lr, seconds=now - t_last,
                            samples_per_s=self.cfg.batch_size / max(now - t_last, 1e-9), skipped=self.skipped)
                 t_last = now
                 if metrics is not None:
