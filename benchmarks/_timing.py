@@ -105,3 +105,19 @@ def step_peak_memory(fn: Callable[[], object], device: torch.device, before: Opt
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     return _allocator_peak(prof)
+
+
+def median_seconds(fn: Callable[[], object], rounds: int, warmup: int = 2) -> float:
+    """Median wall time of ``fn()`` over ``rounds`` calls after ``warmup`` calls (CPU scripts: nothing to
+    synchronise)."""
+    import statistics
+    import time
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)

@@ -7,8 +7,8 @@ on one 48^3 volume both ways. Float32, CPU, medians of 7 calls after 2 warm-up c
 
 from __future__ import annotations
 
-import statistics
-import time
+import os
+import sys
 
 import torch
 from torch import nn
@@ -16,20 +16,16 @@ from torch import nn
 from medmap_fast.models import SLSNet
 from medmap_fast.nn.conv import Conv3d
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _timing  # noqa: E402  (benchmarks/_timing.py, beside this file)
+
 SHAPES = [  # (in, out channels, size, stride): the small U-Net's levels at 48^3
     (1, 8, 48, 1), (8, 8, 48, 1), (8, 16, 48, 2), (16, 16, 24, 1), (32, 32, 12, 1), (64, 64, 6, 1),
 ]
 
 
 def median_ms(fn, rounds: int = 7) -> float:
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
+    return 1e3 * _timing.median_seconds(fn, rounds, warmup=2)
 
 
 def main() -> None:

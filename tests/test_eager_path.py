@@ -60,11 +60,14 @@ def _cases(g):
         ("gaussian_kl", lambda: medmap_fast.gaussian_kl(rows(mu), rows(lv), mask=mask, reduction="none"), [mu, lv]),
         ("gaussian_kl mixture", lambda: medmap_fast.gaussian_kl(rows(mu), rows(lv), nu=nu, logtau2=lt, pi_logits=pl,
                                                                  reduction="none"), [mu, lv, nu, lt, pl]),
-        ("norm_act", lambda: medmap_fast.norm_act(x, wt, bs), [x, wt, bs]),
-        ("norm_act residual", lambda: medmap_fast.norm_act(x, wt, bs, residual=r), [x, wt, bs, r]),
+        # the C++ kernel named: left to choose, a CPU tensor this small runs on aten's ops on both paths
+        ("norm_act", lambda: medmap_fast.norm_act(x, wt, bs, backend="cpu"), [x, wt, bs]),
+        ("norm_act residual", lambda: medmap_fast.norm_act(x, wt, bs, residual=r, backend="cpu"), [x, wt, bs, r]),
         ("norm_act residual after", lambda: medmap_fast.norm_act(x, None, None, norm="group", num_groups=1,
-                                                                  residual=r, residual_position="after_activation"),
+                                                                  residual=r, residual_position="after_activation",
+                                                                  backend="cpu"),
          [x, r]),
+        ("norm_act small", lambda: medmap_fast.norm_act(x, wt, bs, residual=r), [x, wt, bs, r]),
     ]
 
 
