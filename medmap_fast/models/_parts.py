@@ -55,6 +55,18 @@ def check_flag(name: str, value) -> bool:
     return value
 
 
+class SegmentationModel(nn.Module):
+    """What the segmentation models share besides their pieces: the small CPU configuration."""
+
+    #: the widths of :meth:`small`: 8 base channels, 4 levels, at most 64 channels
+    SMALL = dict(base_channels=8, depth=4, max_channels=64)
+
+    @classmethod
+    def small(cls, **overrides):
+        """A configuration for CPU demos and tests: 8 base channels, 4 levels, at most 64 channels."""
+        return cls(**{**cls.SMALL, **overrides})
+
+
 COMMON_ARGS = ("num_classes", "base_channels", "depth", "max_channels", "deep_supervision", "negative_slope",
                "fused", "backend")
 

@@ -16,6 +16,7 @@ from ._parts import (
     Decoder,
     Encoder,
     SegOutput,
+    SegmentationModel,
     check_input,
     check_positive_int,
     common_config,
@@ -117,7 +118,7 @@ def _check_align_levels(align_levels, depth: int) -> Tuple[int, ...]:
     return tuple(sorted(set(align_levels)))
 
 
-class SLSNet(nn.Module):
+class SLSNet(SegmentationModel):
     """Shared-latent-space segmentation network for incomplete MRI (mmFormer / RFNet family).
 
     Each modality has its own encoder (1 input channel; the stage structure of :class:`UNet3D`'s encoder;
@@ -183,11 +184,6 @@ class SLSNet(nn.Module):
         self.decoder = Decoder(self.channels, num_classes, deep_supervision, self.negative_slope, fused,
                                block_backend)
         init_weights(self, self.negative_slope)
-
-    @classmethod
-    def small(cls, **overrides) -> "SLSNet":
-        """A configuration for CPU demos and tests: 8 base channels, 4 levels, at most 64 channels."""
-        return cls(**{**dict(base_channels=8, depth=4, max_channels=64), **overrides})
 
     def config(self) -> Dict[str, Any]:
         """The constructor arguments (JSON-serialisable): ``build_model("slsnet", **model.config())``."""

@@ -10,6 +10,7 @@ from ._parts import (
     Decoder,
     Encoder,
     SegOutput,
+    SegmentationModel,
     check_input,
     check_positive_int,
     common_config,
@@ -20,7 +21,7 @@ from ._parts import (
 )
 
 
-class UNet3D(nn.Module):
+class UNet3D(SegmentationModel):
     """3D U-Net (nnU-Net style) for brain-tumour segmentation from possibly incomplete MRI.
 
     ``depth`` levels: level 0 is two 3x3x3 Conv-InstanceNorm-LeakyReLU blocks at full resolution;
@@ -68,11 +69,6 @@ class UNet3D(nn.Module):
         self.decoder = Decoder(self.channels, num_classes, deep_supervision, self.negative_slope, fused,
                                block_backend)
         init_weights(self, self.negative_slope)
-
-    @classmethod
-    def small(cls, **overrides) -> "UNet3D":
-        """A configuration for CPU demos and tests: 8 base channels, 4 levels, at most 64 channels."""
-        return cls(**{**dict(base_channels=8, depth=4, max_channels=64), **overrides})
 
     def config(self) -> Dict[str, Any]:
         """The constructor arguments (JSON-serialisable): ``build_model("unet3d", **model.config())``."""
