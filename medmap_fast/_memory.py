@@ -57,3 +57,46 @@ def prefer_huge_pages(*tensors: torch.Tensor) -> None:
             # hints: a failure changes nothing
             _madvise(lo, hi - lo, _MADV_HUGEPAGE)
             _madvise(lo, hi - lo, _MADV_POPULATE_WRITE)
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD_MAX = 32 << 20  # glibc's largest on 64-bit
+_KEEP_ENV = "MEDMAP_FAST_KEEP_FREED_MEMORY"
+_USER_ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+
+
+def keep_freed_memory() -> bool:
+    """Let this process reuse the memory its tensors free instead of handing it back to the system.
+
+    glibc returns freed heap memory above 128 KiB-32 MiB to Linux and maps it again on the next
+    allocation, one page fault per 4 KiB: a training step frees and reallocates the same activation
+    sizes every step, so it pays those faults every step. Measured on the 2-core CPU: norm_act forward +
+    backward at 8 channels x 48³, B=2, took 12-16 ms with 3,436 faults per call against 4-6 ms with none;
+    the training step of the small SLSNet at 48³ went from 1,287 (eager) and 1,207 (fused) ms to
+    1,067 and 988 ms. This keeps blocks up to 32 MiB in the heap and stops trimming it, as a caching
+    allocator would; the process's resident memory then stays at its peak.
+
+    Applied by the command-line tools that train and infer, never on import. Skipped when the user
+    chose the allocator's settings (MALLOC_* variables, GLIBC_TUNABLES with malloc, a preloaded
+    jemalloc or tcmalloc), with MEDMAP_FAST_KEEP_FREED_MEMORY=0, and off glibc. Returns whether applied.
+    """
+    import os
+
+    if os.environ.get(_KEEP_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    if any(v in os.environ for v in _USER_ALLOCATOR_ENV) or "malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    if any(a in os.environ.get("LD_PRELOAD", "") for a in ("jemalloc", "tcmalloc", "mimalloc")):
+        return False
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    # Setting either one fixes the other at its default (the mmap threshold stops adapting), so set both.
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))

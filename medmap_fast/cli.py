@@ -37,6 +37,10 @@ def main(argv=None) -> int:
         p.print_help()
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
+    if cmd in ("quickstart", "train", "predict", "evaluate", "demo"):
+        from ._memory import keep_freed_memory
+
+        keep_freed_memory()  # these commands free and reallocate the same tensor sizes many times
     if cmd in with_options:
         import importlib
 

@@ -404,6 +404,18 @@ def norm_act(
         # still defined (variance 0), so the op behind F.group_norm runs without that check.
         groups = x.shape[1] if norm == "instance" else num_groups
         z = torch.group_norm(_group_norm_input(x), groups, weight, bias, eps, torch.backends.cudnn.enabled)
+    return activate_with_residual(z, activation, negative_slope, residual, residual_position)
+
+
+def activate_with_residual(
+    z: torch.Tensor,
+    activation: Optional[str],
+    negative_slope: float,
+    residual: Optional[torch.Tensor],
+    residual_position: str,
+) -> torch.Tensor:
+    """The part of ``norm_act`` after the normalisation: the residual before or after the activation."""
+    F = torch.nn.functional
     if residual is not None and residual_position == "before_activation":
         z = z + residual
     if activation == "leaky_relu":

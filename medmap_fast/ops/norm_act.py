@@ -125,12 +125,13 @@ def _backward(ctx, grads):
 _eager.register_autograd("medmap_fast::norm_act_forward", _backward, setup_context=_setup)
 
 
-#: At most this many elements, on the CPU and with the backend left to choose, the op runs on eager
-#: PyTorch's norm and activation instead of the kernel (in every mode, so that eager, compiled and traced
-#: calls agree): the kernel's fixed cost per call (about
-#: 350-400 µs forward and backward on the 2-core CPU, against 200 µs for aten's) outweighs what the kernel
-#: saves at the deep levels of a small U-Net (8-64 channels at 2³-12³, 1.2-1.9x slower than eager).
-SMALL_CPU_ELEMENTS = 1 << 16
+#: At most this many elements, on the CPU and with the backend left to choose, the op runs on aten's
+#: group-norm kernels and activation instead of the fused kernel (in every mode, so that eager, compiled
+#: and traced calls agree). Measured forward and backward on the 2-core CPU, B=2, float32: the fused
+#: kernel's fixed cost per call (about 350 µs) makes it slower than eager at 2³-16³, while aten's group
+#: norm (one channel per group for instance norm) runs at 0.5-0.75x of F.instance_norm's time from 2³ up
+#: to about 2^18 elements, where the fused kernel catches up with it (benchmarks/norm_act_small_sizes.py).
+SMALL_CPU_ELEMENTS = 1 << 18
 
 
 def _small_on_cpu(x, weight, bias, norm, groups, activation, slope, residual, residual_position, eps):
@@ -143,8 +144,11 @@ def _small_on_cpu(x, weight, bias, norm, groups, activation, slope, residual, re
         return t if t is None or t.dtype == acc else t.to(acc)  # a call to .to costs ~5 µs even as a no-op
 
     r = None if residual is None else as_acc(residual if residual.dtype == x.dtype else residual.to(x.dtype))
-    y = reference.norm_act(as_acc(x), as_acc(weight), as_acc(bias), norm, groups if norm == "group" else None,
-                           activation, slope, r, residual_position, eps)
+    # Instance norm as group norm with one channel per group: the same statistics, and on small CPU
+    # tensors aten's fused group-norm kernels run forward and backward in half the time of
+    # F.instance_norm's batch-norm route.
+    z = torch.group_norm(reference._group_norm_input(as_acc(x)), groups, as_acc(weight), as_acc(bias), eps, False)
+    y = reference.activate_with_residual(z, activation, slope, r, residual_position)
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
     if _layout.channels_last(x):  # channels innermost, as the kernel writes them
