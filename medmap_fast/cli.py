@@ -18,6 +18,8 @@ def main(argv=None) -> int:
         "predict": "sliding-window inference of a model on BraTS cases; writes segmentation NIfTI files",
         "evaluate": "Dice (and HD95) per region over the 15 modality subsets, or of a folder of predictions",
         "train": "train a missing-modality model (SLS, KD or DA framework) with the MedMAP alignment",
+        "ablation": "does the alignment help? one model per (anchor, seed), the 15-subset Dice with paired "
+                    "95% intervals against no alignment",
     }
     # subcommands with options of their own: module whose main(argv) -> int parses them
     with_options = {
@@ -26,6 +28,7 @@ def main(argv=None) -> int:
         "predict": "medmap_fast.evaluation.predict",
         "evaluate": "medmap_fast.evaluation.evaluate",
         "train": "medmap_fast.training.cli",
+        "ablation": "medmap_fast.ablation.cli",
     }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         p = argparse.ArgumentParser(prog="medmap-fast", description="medmap_fast command line")
@@ -37,7 +40,7 @@ def main(argv=None) -> int:
         p.print_help()
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
-    if cmd in ("quickstart", "train", "predict", "evaluate", "demo"):
+    if cmd in ("quickstart", "train", "ablation", "predict", "evaluate", "demo"):
         from ._memory import keep_freed_memory
 
         keep_freed_memory()  # these commands free and reallocate the same tensor sizes many times

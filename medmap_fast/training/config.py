@@ -214,12 +214,12 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def add_config_args(parser: argparse.ArgumentParser) -> None:
-    """One option per setting (``--patch-size 64 64 64``, ``--fused false``); all default to None so that
-    only the options given override the defaults or the ``--config`` file."""
+def add_config_args(parser: argparse.ArgumentParser, exclude: Tuple[str, ...] = ()) -> None:
+    """One option per setting (``--patch-size 64 64 64``, ``--fused false``) but ``exclude``; all default to
+    None so that only the options given override the defaults or the ``--config`` file."""
     defaults = TrainConfig.__dataclass_fields__
     for f in dataclasses.fields(TrainConfig):
-        if f.name == "data":
+        if f.name == "data" or f.name in exclude:
             continue
         meta = f.metadata
         default = defaults[f.name].default

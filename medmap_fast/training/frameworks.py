@@ -152,6 +152,21 @@ class Framework(nn.Module):
     def phase_of_epoch(self, epoch: int) -> str:
         return self.phases[0]
 
+    @property
+    def aligned_network(self) -> nn.Module:
+        """The network whose modality-specific features the alignment acts on."""
+        return self.inference_model
+
+    def aligned_features(self, image: Tensor, present: Tensor) -> Tensor:
+        """(B, M, C, d, h, w): the features of every modality that the alignment acts on (with anchor
+        ``none``, those it would act on), at the first aligned level; modalities absent from ``present``
+        are zero inputs."""
+        level = self.cfg.aligned_levels()[0]
+        net = self.aligned_network
+        if isinstance(net, SLSNet):
+            return net(image, present, return_all=True).modality_features[level]
+        return modality_specific(net, _masked(image, present), level)
+
 
 class SLSFramework(Framework):
     kind = "sls"
@@ -208,6 +223,10 @@ class KDFramework(Framework):
     def validated_model(self) -> nn.Module:
         return self.teacher if self.phase == "teacher" else self.student
 
+    @property
+    def aligned_network(self) -> nn.Module:
+        return self.teacher
+
     def forward(self, image, mask, present, label) -> StepResult:
         full = _masked(image, present)
         if self.phase == "teacher":
@@ -242,6 +261,10 @@ class DAFramework(Framework):
     @property
     def inference_model(self) -> nn.Module:
         return self.missing
+
+    @property
+    def aligned_network(self) -> nn.Module:
+        return self.full
 
     def forward(self, image, mask, present, label) -> StepResult:
         full = _masked(image, present)

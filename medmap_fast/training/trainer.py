@@ -34,7 +34,7 @@ from ..evaluation.subsets import SUBSETS
 from ..metrics import modality_gap
 from . import checkpoint as ckpt
 from .config import RESUME_OVERRIDES, TrainConfig
-from .frameworks import Framework, build_framework, modality_specific
+from .frameworks import Framework, build_framework
 from .losses import hard_dice
 from .sampling import SeededItems, StepSampler, split_cases
 
@@ -217,9 +217,12 @@ class Trainer:
     """One run. ``Trainer(cfg, out, resume).fit()``; see :func:`train`."""
 
     def __init__(self, cfg: TrainConfig, out, resume: bool = False, quiet: bool = False,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, distributed: bool = True):
         self.cfg, self.out, self.quiet = cfg, Path(out), quiet
-        self.rank, self.world, local_rank = _distributed()
+        if distributed:
+            self.rank, self.world, local_rank = _distributed()
+        else:
+            self.rank, self.world, local_rank = 0, 1, int(os.environ.get("LOCAL_RANK", "0"))
         self._log = log
         self.device = resolve_device(cfg.device, local_rank)
         self.amp = resolve_amp(cfg.amp, self.device)
@@ -402,10 +405,7 @@ class Trainer:
         net = self.framework.validated_model
         was_training = self.framework.training
         self.framework.eval()
-        window = self.cfg.val_window or self.cfg.patch_size
-        settings = InferenceSettings(window=tuple(window), overlap=self.cfg.val_overlap, batch_size=2,
-                                     amp={None: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp],
-                                     device=str(self.device), output=self.cfg.output)
+        settings = inference_settings(self.cfg, self.amp, self.device)
         subsets = SUBSETS if self.cfg.val_subsets else SUBSETS[-1:]
         full, per_subset, gaps = [], [], []
         t0 = time.perf_counter()
@@ -433,24 +433,12 @@ class Trainer:
 
     def _case_gap(self, case) -> Optional[float]:
         """Modality gap of the aligned features of a centre crop (all the case's modalities)."""
-        fw = self.framework
-        crop = []
-        for size, p in zip(case.image.shape[1:], self.cfg.patch_size):
-            start = max(0, (size - p) // 2)
-            crop.append(slice(start, start + p))
-        img = case.image[(slice(None), *crop)]
-        if any(s != p for s, p in zip(img.shape[1:], self.cfg.patch_size)):
+        x, present = case_crop(case, self.cfg.patch_size, self.device, exact=True)
+        if x is None:
             return None
-        x = self._to_device(torch.from_numpy(np.ascontiguousarray(img))[None])
-        present = torch.from_numpy(case.present)[None].to(self.device)
-        x = x * present.to(x.dtype)[:, :, None, None, None]
-        level = self.cfg.aligned_levels()[0]
+        x = self._to_device(x)
         with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-            if self.cfg.framework == "sls":
-                feats = fw.net(x, present, return_all=True).modality_features[level]
-            else:
-                net = fw.teacher if self.cfg.framework == "kd" else fw.full
-                feats = modality_specific(net, x, level)
+            feats = self.framework.aligned_features(x, present)
         return float(modality_gap(feats.float(), present).gap)
 
     # -- outputs
@@ -564,16 +552,44 @@ class Trainer:
 
         source = self.out / ("best.pt" if (self.out / "best.pt").exists() else "last.pt")
         model = ckpt.model_from_checkpoint(source, self.device)
-        window = self.cfg.val_window or self.cfg.patch_size
-        settings = InferenceSettings(window=tuple(window), overlap=self.cfg.val_overlap, batch_size=2,
-                                     amp={None: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp],
-                                     device=str(self.device), output=self.cfg.output)
+        settings = inference_settings(self.cfg, self.amp, self.device)
         log = (lambda s: None) if self.quiet else self._log
         return evaluate_model(model, self.val_cases, self.out / "eval", settings,
                               config={"checkpoint": str(source)}, log=log)
 
 
+def inference_settings(cfg: TrainConfig, amp: Optional[torch.dtype], device: torch.device) -> InferenceSettings:
+    """Sliding-window settings of validation and of the final table: the validation window (default: the
+    patch) and overlap, the run's autocast dtype."""
+    window = cfg.val_window or cfg.patch_size
+    return InferenceSettings(window=tuple(window), overlap=cfg.val_overlap, batch_size=2,
+                             amp={None: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp],
+                             device=str(device), output=cfg.output)
+
+
+def case_crop(case, size: Sequence[int], device: torch.device, exact: bool = False, multiple: int = 1):
+    """(image (1, 4, *crop) with absent modalities zeroed, present (1, 4) bool) of a centre crop of ``case``:
+    ``size`` where the case is that large; elsewhere (unless ``exact``, which gives (None, None)) the largest
+    multiple of ``multiple`` that fits."""
+    crop = []
+    for extent, p in zip(case.image.shape[1:], size):
+        if extent < p:
+            if exact:
+                return None, None
+            p = extent // multiple * multiple
+            if p < 1:
+                return None, None
+        start = (extent - p) // 2
+        crop.append(slice(start, start + p))
+    img = torch.from_numpy(np.ascontiguousarray(case.image[(slice(None), *crop)]))[None]
+    present = torch.from_numpy(np.asarray(case.present, dtype=bool))[None]
+    img = img * present.to(img.dtype)[:, :, None, None, None]
+    return img.to(device), present.to(device)
+
+
 def train(cfg: TrainConfig, out, resume: bool = False, quiet: bool = False,
-          log: Callable[[str], None] = print) -> TrainResult:
-    """Train ``cfg`` into the run folder ``out`` (or continue it exactly where it stopped: ``resume``)."""
-    return Trainer(cfg, out, resume=resume, quiet=quiet, log=log).fit()
+          log: Callable[[str], None] = print, distributed: bool = True) -> TrainResult:
+    """Train ``cfg`` into the run folder ``out`` (or continue it exactly where it stopped: ``resume``).
+    Under torchrun the processes train the run together (DDP), unless ``distributed`` is False: then this
+    process trains it alone, on the device of its local rank."""
+    return Trainer(cfg, out, resume=resume, quiet=quiet, log=log, distributed=distributed).fit()
