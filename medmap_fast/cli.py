@@ -19,7 +19,7 @@ def main(argv=None) -> int:
         "evaluate": "Dice (and HD95) per region over the 15 modality subsets, or of a folder of predictions",
         "train": "train a missing-modality model (SLS, KD or DA framework) with the MedMAP alignment",
         "ablation": "does the alignment help? one model per (anchor, seed), the 15-subset Dice with paired "
-                    "95% intervals against no alignment",
+                    "95%% intervals against no alignment",
     }
     # subcommands with options of their own: module whose main(argv) -> int parses them
     with_options = {
