@@ -90,7 +90,8 @@ def markdown(plan: Plan, rows: List[dict], arms: List[dict], case_names: Sequenc
         "",
         "Dice in %, mean ± sd over seeds of the mean over the held-out cases. Δ: the paired difference against "
         "`none` (same case, same seed), mean and 95% interval over all (case, seed) pairs; * marks an interval "
-        "that excludes 0. The modality gap: the mean symmetric KL between the per-channel moments of the "
+        "that excludes 0 (with 16 rows per anchor, about one interval in twenty excludes 0 by chance alone, so "
+        "read single subsets with care and the mean row first). The modality gap: the mean symmetric KL between the per-channel moments of the "
         "aligned features of each pair of modalities (`medmap_fast.metrics.modality_gap`), on a centre crop of "
         "each held-out case with all its modalities.",
         "",
